@@ -1,0 +1,91 @@
+"""What a benchmark ran on, and how its result file is written.
+
+Every figure under ``bench/results/`` is a JSON file made by :func:`write_result`: the
+numbers, the command line that produced them and the machine they came from, so a claim in
+a README can always be traced back and rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import runtime
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)  # the value is in KiB
+    except OSError:
+        pass
+    return None
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU, memory, accelerator and library versions of this process's machine.
+
+    The hostname is left out on purpose: result files are committed.
+    """
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": runtime.usable_cpus(),  # what os.sched_getaffinity allows (containers, taskset)
+        "memory_gib": _memory_gib(),
+        "cpu_bf16_fast": runtime.cpu_bf16_is_fast(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "cuda_version": torch.version.cuda if cuda else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reruns ``module`` with ``argv`` (``sys.argv[1:]`` when None)."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", module, *args])
+
+
+def write_result(path: str | Path, name: str, data: dict[str, Any], command: str | None = None) -> Path:
+    """Write benchmark ``name``'s ``data`` with the machine and the command line to ``path``.
+
+    ``command`` defaults to this process's ``sys.argv``; scripts whose ``main(argv)`` may be
+    called from Python pass :func:`command_line` instead, so the file names the real arguments.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "machine": describe_machine(),
+        "command": " ".join(sys.argv) if command is None else command,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "results": data,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,192 @@
+"""Where checkpoints and data live: a local path or ``gs://bucket/path``.
+
+Writes are atomic in both worlds: locally a temp file is renamed into place; on GCS an
+object only becomes visible once its upload completes. Runs are published as
+``<prefix>/<run-id>/...`` and only then is ``<prefix>/latest.json`` rewritten, so a reader
+following ``latest.json`` never finds a missing or half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from google.cloud.storage import Client
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest.json"
+
+
+def is_gcs(uri: str | Path) -> bool:
+    return str(uri).startswith("gs://")
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    rest = uri[len("gs://") :]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"not a gs:// URI with a bucket: {uri!r}")
+    return bucket, name.strip("/")
+
+
+def join(base: str | Path, *parts: str) -> str:
+    if is_gcs(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def gcs_client() -> Client:
+    """The real client; ``STORAGE_EMULATOR_HOST`` points it at an emulator (tests)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return storage.Client(credentials=AnonymousCredentials(), project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"))
+    return storage.Client()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_bytes(uri: str | Path, data: bytes) -> None:
+    """Write ``data`` to a local path (temp + rename) or a GCS object."""
+    if is_gcs(uri):
+        bucket, name = split_gcs(str(uri))
+        gcs_client().bucket(bucket).blob(name).upload_from_string(data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upload_file(src: str | Path, uri: str | Path) -> None:
+    if is_gcs(uri):
+        bucket, name = split_gcs(str(uri))
+        gcs_client().bucket(bucket).blob(name).upload_from_filename(str(src))
+    else:
+        write_bytes(uri, Path(src).read_bytes())
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    if is_gcs(uri):
+        bucket, name = split_gcs(str(uri))
+        return gcs_client().bucket(bucket).blob(name).download_as_bytes()  # type: ignore[no-any-return]
+    return Path(uri).read_bytes()
+
+
+def download(uri: str, dest: str | Path, expected_sha256: str | None = None) -> Path:
+    """Download a GCS object to ``dest`` via a temp file; verify the sha256 before the rename,
+    so a partial or corrupted download is never found at ``dest``."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    bucket, name = split_gcs(uri)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        gcs_client().bucket(bucket).blob(name).download_to_filename(tmp)
+        if expected_sha256 is not None:
+            actual = sha256_file(tmp)
+            if actual != expected_sha256:
+                raise ValueError(f"{uri}: sha256 {actual} does not match the expected {expected_sha256}")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def cache_dir() -> Path:
+    """Local cache for downloads and decoded datasets (``FER_CACHE_DIR`` overrides)."""
+    root = os.environ.get("FER_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "fer2013-mlops")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fetch_to_cache(uri: str) -> Path:
+    """A local copy of ``gs://...`` in the cache, downloaded once per object generation."""
+    from google.cloud import storage  # noqa: F401  (fail early with a clear ImportError)
+
+    bucket, name = split_gcs(uri)
+    blob = gcs_client().bucket(bucket).get_blob(name)
+    if blob is None:
+        raise FileNotFoundError(f"{uri} does not exist")
+    dest = cache_dir() / "gcs" / bucket / f"{blob.generation}" / Path(name).name
+    if not dest.exists():
+        log.info("downloading %s (%d bytes) to %s", uri, blob.size or 0, dest)
+        download(uri, dest)
+    return dest
+
+
+@dataclass(frozen=True)
+class LatestPointer:
+    """The content of ``latest.json``: which run is current and how to verify its model."""
+
+    run_id: str
+    path: str  # model file, relative to the prefix that holds latest.json
+    sha256: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    def model_uri(self, prefix: str | Path) -> str:
+        return join(prefix, *self.path.split("/"))
+
+
+def publish_run(
+    output: str | Path,
+    run_id: str,
+    files: dict[str, Path],
+    model_name: str = "model.pt",
+    metrics: dict[str, Any] | None = None,
+    created_at: str = "",
+) -> LatestPointer:
+    """Copy a finished run's files to ``<output>/<run_id>/``, then point ``latest.json`` at
+    its model. The pointer is written last, so it never names a file that is not there."""
+    if model_name not in files:
+        raise ValueError(f"run files must include {model_name}")
+    for rel, src in files.items():
+        if rel != model_name:
+            upload_file(src, join(output, run_id, rel))
+    model_src = files[model_name]
+    upload_file(model_src, join(output, run_id, model_name))
+    pointer = LatestPointer(
+        run_id=run_id,
+        path=f"{run_id}/{model_name}",
+        sha256=sha256_file(model_src),
+        metrics=metrics or {},
+        created_at=created_at,
+    )
+    write_bytes(join(output, LATEST), json.dumps(asdict(pointer), indent=2).encode())
+    log.info("published %s to %s", run_id, join(output, run_id))
+    return pointer
+
+
+def read_latest(prefix: str | Path) -> LatestPointer:
+    raw = json.loads(read_bytes(join(prefix, LATEST)))
+    try:
+        return LatestPointer(**raw)
+    except TypeError as exc:
+        raise ValueError(f"{join(prefix, LATEST)} is malformed: {exc}") from None

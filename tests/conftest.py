@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.utils import synthetic
+
+torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own dataset/download cache, never the user's."""
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def splits() -> dict:
+    return synthetic.default_splits(per_class=6)
+
+
+@pytest.fixture
+def fer_zip(tmp_path: Path, splits: dict) -> Path:
+    return synthetic.write_zip(tmp_path / "archive.zip", splits)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[str]:
+    """A real gcp-storage-emulator process; the real google-cloud-storage client talks to it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def gcs(gcs_emulator: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
+    """A fresh bucket on the emulator, with the environment pointing the client at it."""
+    from fercore import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+    client = storage.gcs_client()
+    name = "b-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40] + f"-{os.getpid()}"
+    bucket = client.bucket(name)
+    if not bucket.exists():
+        client.create_bucket(name)
+    return client.bucket(name)

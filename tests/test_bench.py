@@ -1,0 +1,89 @@
+"""The benchmark scripts run end to end with tiny settings and write well-formed results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import data_loading, train_throughput
+from bench.machine import describe_machine, write_result
+from tests.utils import synthetic
+
+MACHINE_KEYS = {"cpu_model", "cpus_usable", "memory_gib", "cpu_bf16_fast", "torch_threads", "cuda_device", "torch", "python"}
+
+
+def _read(path: Path, name: str) -> dict:
+    record = json.loads(path.read_text())
+    assert set(record) == {"benchmark", "machine", "command", "created_at", "results"}
+    assert record["benchmark"] == name
+    assert set(record["machine"]) >= MACHINE_KEYS
+    assert "hostname" not in record["machine"]
+    assert record["command"].startswith(f"python -m bench.{name} ")
+    return record
+
+
+def test_describe_machine_and_write_result(tmp_path: Path) -> None:
+    machine = describe_machine()
+    assert machine["cpus_usable"] >= 1 and machine["torch_threads"] >= 1
+    out = write_result(tmp_path / "sub" / "r.json", "demo", {"x": 1}, command="python -m bench.demo --x 1")
+    record = _read(out, "demo")
+    assert record["results"] == {"x": 1}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str], precision: str) -> None:
+    out = tmp_path / "tt.json"
+    argv = ["--models", "compact", "--device", "cpu", "--precision", precision, "--steps", "2", "--warmup", "1"]
+    argv += ["--batch-size", "8", "--latency-runs", "2", "--threads", "1", "--output", str(out)]
+    assert train_throughput.main(argv) == 0
+
+    record = _read(out, "train_throughput")
+    assert "--models compact" in record["command"]
+    settings = record["results"]["settings"]
+    assert settings["device"] == "cpu" and settings["precision"] == precision and settings["threads"] == 1
+    (row,) = record["results"]["models"]
+    assert row["model"] == "compact" and row["batch_size"] == 8 and "error" not in row
+    step = row["step"]
+    assert 0 < step["p10_ms"] <= step["median_ms"] <= step["p90_ms"]
+    assert row["images_per_s"] > 0 and row["fer2013_epoch_s"] > 0 and row["parameters"] > 0
+    assert row["peak_device_memory_mb"] is None
+    assert row["inference_1thread"]["median_ms"] > 0
+    assert "| compact |" in capsys.readouterr().out
+
+
+def test_train_throughput_rejects_unknown_models() -> None:
+    with pytest.raises(SystemExit):
+        train_throughput.main(["--models", "compact,nope"])
+
+
+def test_recipe_kwargs_only_apply_to_the_recipes_model() -> None:
+    recipe = {"model": "compact", "model_kwargs": {"width": 8}, "batch_size": 64, "erase_prob": 0.0}
+    own = train_throughput.model_config("compact", recipe, None, "cpu", "fp32")
+    other = train_throughput.model_config("vgg", recipe, 16, "cpu", "fp32")
+    assert own.model_kwargs == {"width": 8} and own.batch_size == 64
+    assert other.model_kwargs == {} and other.batch_size == 16 and other.erase_prob == 0.0
+
+
+def test_data_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = synthetic.write_zip(tmp_path / "a.zip", synthetic.default_splits(per_class=3))
+    out = tmp_path / "dl.json"
+    cache_before = os.environ.get("FER_CACHE_DIR")
+    assert data_loading.main(["--data", str(source), "--device", "cpu", "--repeats", "2", "--output", str(out)]) == 0
+    assert os.environ.get("FER_CACHE_DIR") == cache_before  # the temporary cache does not leak
+
+    results = _read(out, "data_loading")["results"]
+    assert results["splits"] == {"train": 21, "test": 7}
+    assert results["source_mb"] > 0 and results["cache_mb"] > 0
+    assert len(results["cold"]["runs_s"]) == 1 and results["cold"]["median_s"] > 0 and results["cold"]["images_per_s"] > 0
+    assert len(results["warm"]["runs_s"]) == 2 and results["warm"]["median_s"] > 0
+    move = results["to_device"]
+    assert move["device"] == "cpu" and move["median_ms"] > 0 and move["train_mb"] > 0 and move["gb_per_s"] is None
+    assert "written to" in capsys.readouterr().out
+
+
+def test_data_loading_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        data_loading.main(["--data", str(tmp_path / "missing.zip")])

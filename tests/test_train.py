@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fercore import storage
+from fercore.checkpoint import load_checkpoint
+from tests.utils import synthetic
+from training import evaluate, train
+from training.config import TrainConfig
+
+TINY = [
+    "--model", "compact", "--model-kwargs", '{"width": 4}', "--batch-size", "16", "--lr", "0.05",
+    "--precision", "fp32", "--warmup-epochs", "0", "--eval-batch-size", "64", "--num-threads", "1",
+]  # fmt: skip
+
+
+@pytest.fixture
+def data_zip(tmp_path: Path) -> Path:
+    return synthetic.write_zip(tmp_path / "archive.zip", synthetic.default_splits(per_class=12))
+
+
+def only_run(output: Path) -> Path:
+    runs = [p for p in output.iterdir() if p.is_dir()]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_end_to_end_run_learns_and_publishes(data_zip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    assert train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "4", *TINY]) == 0
+    run = only_run(out)
+    for name in [
+        "model.pt",
+        "last.pt",
+        "best.pt",
+        "metrics.json",
+        "config.yaml",
+        "confusion_matrix.png",
+        "curves.png",
+        "MODEL_CARD.md",
+    ]:
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["val_split"] == "test (PublicTest)"
+    # latest.json names the published model, and its sha256 matches.
+    latest = storage.read_latest(out)
+    assert latest.run_id == run.name
+    assert storage.sha256_file(out / latest.path) == latest.sha256
+    model = load_checkpoint(out / latest.path)
+    assert model.training_state is None and model.metrics["val_accuracy"] == metrics["val_accuracy"]
+    assert max(h["val_accuracy"] for h in history) == pytest.approx(metrics["val_accuracy"])
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model_kwargs"] == {"width": 4} and resolved["epochs"] == 4
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(
+    data_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["--data", str(data_zip), "--epochs", "3", "--mixup-alpha", "0.2", "--mix-prob", "0.5", *TINY]
+    train.main([*args, "--output", str(tmp_path / "a")])
+    reference = load_checkpoint(only_run(tmp_path / "a") / "last.pt")
+
+    real_epoch = train.train_one_epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed mid-epoch, after two completed epochs were checkpointed
+            raise KeyboardInterrupt
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(train, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--output", str(tmp_path / "b")])
+    run_b = only_run(tmp_path / "b")
+    assert load_checkpoint(run_b / "last.pt").training_state["run"]["epoch"] == 2
+    assert not (tmp_path / "b" / "latest.json").exists()  # nothing published for an unfinished run
+
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    train.main(["--resume", str(run_b), "--data", str(data_zip)])
+    resumed = load_checkpoint(run_b / "last.pt")
+    for key, value in reference.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[key], value, rtol=0, atol=0, msg=key)
+    ref_hist = reference.training_state["run"]["history"]
+    res_hist = resumed.training_state["run"]["history"]
+    for a, b in zip(ref_hist, res_hist, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_accuracy"] == b["val_accuracy"]
+    assert storage.read_latest(tmp_path / "b").run_id == run_b.name
+
+
+def test_publish_to_gcs_output(gcs, data_zip: Path) -> None:
+    prefix = f"gs://{gcs.name}/runs"
+    train.main(["--data", str(data_zip), "--output", prefix, "--epochs", "1", *TINY])
+    latest = storage.read_latest(prefix)
+    assert gcs.blob(f"runs/{latest.path}").exists()
+    assert gcs.blob(f"runs/{latest.run_id}/metrics.json").exists()
+    assert not gcs.blob(f"runs/{latest.run_id}/last.pt").exists()  # resume state stays local
+
+
+def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
+    train.main(["--data", str(data_zip), "--output", str(tmp_path / "t"), "--epochs", "1", *TINY])
+    teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").path
+    train.main(["--data", str(data_zip), "--output", str(tmp_path / "s"), "--epochs", "1", *TINY,
+                "--model-kwargs", '{"width": 2}', "--teacher", str(teacher)])  # fmt: skip
+    student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").path)
+    assert student.model.kwargs == {"width": 2}
+
+
+def test_evaluate_cli_on_a_test_only_zip(data_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "runs"
+    train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "2", *TINY])
+    model = out / storage.read_latest(out).path
+    test_only = synthetic.write_zip(tmp_path / "test_only.zip", {"test": synthetic.default_splits(per_class=12)["test"]})
+    for tta in ["none", "flip", "tencrop"]:
+        report_path = tmp_path / f"eval-{tta}.json"
+        assert (
+            evaluate.main(["--checkpoint", str(model), "--data", str(test_only), "--tta", tta, "--output-json", str(report_path)])
+            == 0
+        )
+        report = json.loads(report_path.read_text())
+        assert set(report["per_class"]) == {"angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"}
+        assert {"precision", "recall", "f1", "support"} <= set(report["per_class"]["happy"])
+        assert sum(map(sum, report["confusion_matrix"])) == 28 == report["num_samples"]
+        assert 0 <= report["accuracy"] <= 1 and 0 <= report["macro_f1"] <= 1
+        assert report_path.with_suffix(".png").stat().st_size > 1000
+    # Evaluating on the same data as training's validation gives training's figure.
+    evaluate.main(["--checkpoint", str(model), "--data", str(data_zip), "--output-json", str(tmp_path / "same.json")])
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert same["accuracy"] == pytest.approx(load_checkpoint(model).metrics["val_accuracy"])
+    assert "macro-F1" in capsys.readouterr().out
+
+
+def test_early_stopping(data_zip: Path, tmp_path: Path) -> None:
+    # lr so small nothing improves after epoch 1: patience 1 stops at epoch 2.
+    train.main(["--data", str(data_zip), "--output", str(tmp_path), "--epochs", "6", *TINY, "--lr", "1e-9",
+                "--early-stopping-patience", "1"])  # fmt: skip
+    metrics = json.loads((only_run(tmp_path) / "metrics.json").read_text())
+    assert metrics["epochs_run"] < 6
+
+
+def test_config_file_overrides_and_unknown_keys(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("epochs: 7\nlr: 0.1\n")
+    parser = __import__("argparse").ArgumentParser()
+    train_args = ["--lr", "0.2", "--weight_decay=0.001"]  # the second as W&B agents pass it
+    from training.config import add_config_flags, resolve_config
+
+    add_config_flags(parser)
+    cfg = resolve_config(str(cfg_file), parser.parse_args(train_args))
+    assert cfg.epochs == 7 and cfg.lr == 0.2 and cfg.weight_decay == 0.001
+    cfg_file.write_text("epochz: 7\n")
+    with pytest.raises(ValueError, match="unknown config keys: epochz"):
+        resolve_config(str(cfg_file), parser.parse_args([]))
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        TrainConfig.from_dict({"lr": -1})
+
+
+@pytest.mark.parametrize("config", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(config: Path) -> None:
+    data = yaml.safe_load(config.read_text())
+    if "parameters" in data:  # a W&B sweep: its parameters must be config keys
+        assert set(data["parameters"]) <= set(TrainConfig().to_dict())
+    else:
+        TrainConfig.from_dict(data)
+
+
+def test_lr_schedule_shapes() -> None:
+    total, warm = 100, 10
+    cos = [train.lr_factor(s, total, warm, "cosine") for s in range(total)]
+    assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0) and cos[-1] < 0.01
+    one = [train.lr_factor(s, total, 0, "onecycle") for s in range(total)]
+    assert one.index(max(one)) == 30 and one[-1] < 0.01

@@ -1,0 +1,137 @@
+"""Training configuration: one dataclass, filled from a YAML file, then from CLI flags.
+
+Every field is also a ``--flag`` (``model_kwargs`` takes JSON). Unknown YAML keys are
+rejected; the resolved configuration is saved with the run and inside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "compact"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False  # start from ImageNet weights (tv_* models)
+    pretrained_weights: str | None = None  # local weights file instead of downloading
+    # optimisation
+    epochs: int = 60
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    early_stopping_patience: int = 0  # epochs without a better val accuracy; 0 = off
+    # augmentation
+    flip: bool = True
+    rotate_deg: float = 15.0
+    scale_min: float = 0.85
+    scale_max: float = 1.15
+    translate: float = 0.1
+    erase_prob: float = 0.5
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 0.0  # fraction of batches that get MixUp or CutMix
+    # distillation
+    teacher: str | None = None  # checkpoint of a larger model
+    distill_alpha: float = 0.7  # weight of the teacher term
+    distill_temperature: float = 4.0
+    # data
+    val_fraction: float = 0.1  # hold-out size when the source has no PublicTest
+    skip_bad: bool = False
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    num_threads: int = 0  # CPU threads; 0 = all cores this process may use
+    eval_batch_size: int = 512
+    # tracking
+    wandb: bool = False
+    wandb_project: str = "fer2013"
+    run_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 2, "batch_size must be >= 2"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 < self.scale_min <= self.scale_max, "need 0 < scale_min <= scale_max"),
+            (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
+            (0 <= self.distill_alpha <= 1, "distill_alpha must be in [0, 1]"),
+            (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}"),
+            (self.schedule in ("cosine", "onecycle", "constant"), f"unknown schedule {self.schedule!r}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"unknown precision {self.precision!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per TrainConfig field, defaulting to None (= keep the YAML's value)."""
+    group = parser.add_argument_group("config overrides (default: the --config file, then built-in)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        # --weight-decay, and --weight_decay as W&B sweep agents spell it.
+        flags = sorted({"--" + f.name.replace("_", "-"), "--" + f.name}, key=lambda s: "_" in s)
+        kind = hints[f.name]
+        if kind is bool:
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "model_kwargs":
+            group.add_argument(*flags, dest=f.name, type=json.loads, default=None, help="JSON, e.g. '{\"width\": 32}'")
+        else:
+            group.add_argument(*flags, dest=f.name, type=_scalar_type(kind), default=None, metavar=f.name.upper())
+
+
+def _scalar_type(kind: Any) -> Any:
+    if typing.get_origin(kind) is Literal:
+        return str
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def resolve_config(config_file: str | None, args: argparse.Namespace) -> TrainConfig:
+    data = load_yaml(config_file) if config_file else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    return TrainConfig.from_dict(data)
