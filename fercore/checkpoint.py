@@ -120,8 +120,8 @@ def load_checkpoint(source: str | Path | bytes) -> Checkpoint:
         # weights_only refuses any global it does not know: a pickled object is refused here
         # before it can execute.
         raise CheckpointError(f"{where}: refused, not a plain-tensor checkpoint ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{where}: unreadable or truncated ({_first_line(exc)})") from None
+    except Exception as exc:  # torch's unpickler raises all sorts (IndexError, EOFError...) on garbage
+        raise CheckpointError(f"{where}: unreadable or truncated ({type(exc).__name__}: {_first_line(exc)})") from None
     return _parse(raw, where)
 
 
@@ -153,15 +153,11 @@ def _parse(raw: Any, where: str) -> Checkpoint:
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """Rebuild the network through the registry, load the weights strictly, ``eval()``."""
     try:
-        model = create_from_config(ckpt)
+        model = ckpt.model.build(num_classes=len(ckpt.classes))
         model.load_state_dict(ckpt.state_dict, strict=True)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"weights do not fit model {ckpt.model.name!r}: {_first_line(exc)}") from None
     return model.eval()
-
-
-def create_from_config(ckpt: Checkpoint) -> nn.Module:
-    return ckpt.model.build_with_classes(len(ckpt.classes))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -128,8 +128,6 @@ def cache_dir() -> Path:
 
 def fetch_to_cache(uri: str) -> Path:
     """A local copy of ``gs://...`` in the cache, downloaded once per object generation."""
-    from google.cloud import storage  # noqa: F401  (fail early with a clear ImportError)
-
     bucket, name = split_gcs(uri)
     blob = gcs_client().bucket(bucket).get_blob(name)
     if blob is None:

@@ -57,6 +57,8 @@ def test_truncated_wrong_and_mismatching_checkpoints(tmp_path: Path) -> None:
     data = checkpoint_bytes(ckpt)
     with pytest.raises(CheckpointError, match="unreadable or truncated"):
         load_checkpoint(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(b"this is not a torch file")
     with pytest.raises(CheckpointError, match="no such file"):
         load_checkpoint(tmp_path / "missing.pt")
     path = tmp_path / "other.pt"

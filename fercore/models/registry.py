@@ -24,10 +24,7 @@ class ModelConfig:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def build(self) -> nn.Module:
-        return create_model(self.name, **self.kwargs)
-
-    def build_with_classes(self, num_classes: int) -> nn.Module:
+    def build(self, num_classes: int = NUM_CLASSES) -> nn.Module:
         return create_model(self.name, num_classes=num_classes, **self.kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,7 @@
+"""The FER2013 inference service: a FastAPI app that serves a checkpoint written by training.
+
+Layout: ``settings`` (configuration from the environment), ``model`` (loading a checkpoint
+and running it), ``images`` (turning uploaded bytes into a PIL image), ``errors`` (domain
+exceptions and the one place that turns them into responses), ``routes/`` (one router per
+resource), ``main`` (the app factory and its lifespan). Nothing here imports ``training``.
+"""

@@ -1,0 +1,58 @@
+"""A request-body size limit enforced before the body is read.
+
+FastAPI parses a multipart body (spooling it to disk) before any route code or dependency
+runs, so the limit has to sit in front of it: in ASGI middleware wrapping ``receive``.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge
+
+# Room for the multipart envelope (boundaries, part headers, a file name) around the file.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class BodySizeLimit:
+    """Reject bodies over ``max_body_bytes``: at once when ``Content-Length`` says so, else as
+    soon as the streamed bytes (e.g. chunked transfer) pass it.
+
+    The :class:`~app.errors.PayloadTooLarge` is raised from ``receive``, that is from inside
+    the route handler reading the body, so the app's error handler answers it (413).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared is not None and declared > limit:
+                raise PayloadTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

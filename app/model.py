@@ -1,0 +1,187 @@
+"""The served model: a loaded checkpoint, its network in ``eval()`` mode, and where it came from.
+
+Loading goes through :mod:`fercore` only: the checkpoint rebuilds its network through the
+same registry training used, and faces are preprocessed with the spec saved inside it, so
+serving cannot drift from training.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from fercore import storage
+from fercore.checkpoint import Checkpoint, CheckpointError, build_model, load_checkpoint
+from fercore.preprocessing import normalize, prepare_face
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ModelLoadError(RuntimeError):
+    """The model at MODEL_URI cannot be served; the message says which file and why."""
+
+
+class Prediction(TypedDict):
+    emotion: str
+    confidence: float
+    scores: dict[str, float]  # class name -> probability, in the checkpoint's class order
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``GET /model`` reports: which model answers and where it was loaded from."""
+
+    version: str  # the run id, or the file's sha256 prefix when the checkpoint has none
+    run_id: str
+    source: str
+    sha256: str
+    architecture: str
+    classes: tuple[str, ...]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    code_version: str = ""
+    loaded_at: str = ""
+
+
+class Predictor:
+    """Classifies face crops: preprocess -> infer -> postprocess. Thread-safe (read-only model)."""
+
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module, info: ModelInfo) -> None:
+        self.checkpoint = checkpoint
+        self.model = model
+        self.info = info
+        self.spec = checkpoint.preprocessing
+        self.classes = checkpoint.classes
+
+    @classmethod
+    def from_uri(cls, uri: str) -> Predictor:
+        """Load from a checkpoint file, a folder holding ``latest.json``, or their gs:// forms.
+
+        A model found through ``latest.json`` is refused unless its sha256 matches the pointer.
+        """
+        if storage.is_gcs(uri):
+            path, run_id, sha256 = _fetch_gcs(uri)
+            return cls.from_file(path, source=uri, sha256=sha256, run_id=run_id)
+        local = Path(uri).expanduser()
+        if local.is_dir():
+            path, pointer = _resolve_latest(local)
+            actual = storage.sha256_file(path)
+            if actual != pointer.sha256:
+                raise ModelLoadError(
+                    f"{path}: sha256 {actual} does not match {pointer.sha256} in {local / storage.LATEST}; refusing to serve it"
+                )
+            return cls.from_file(path, source=uri, sha256=actual, run_id=pointer.run_id)
+        if local.is_file():
+            return cls.from_file(local, source=uri)
+        raise ModelLoadError(f"{uri}: no such checkpoint file or folder")
+
+    @classmethod
+    def from_file(cls, path: Path, source: str, sha256: str = "", run_id: str = "") -> Predictor:
+        """Load a checkpoint file whose integrity the caller has already established (if needed)."""
+        try:
+            checkpoint = load_checkpoint(path)
+            model = build_model(checkpoint)
+        except CheckpointError as exc:
+            raise ModelLoadError(str(exc)) from None
+        # channels-last convolutions are several times faster for one small face on a CPU thread
+        model = model.to(memory_format=torch.channels_last)
+        sha256 = sha256 or storage.sha256_file(path)
+        run_id = checkpoint.run_id or run_id
+        info = ModelInfo(
+            version=run_id or f"sha256-{sha256[:12]}",
+            run_id=run_id,
+            source=source,
+            sha256=sha256,
+            architecture=checkpoint.model.name,
+            classes=tuple(checkpoint.classes),
+            metrics=dict(checkpoint.metrics),
+            preprocessing=checkpoint.preprocessing.to_dict(),
+            created_at=checkpoint.created_at,
+            code_version=checkpoint.code_version,
+            loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        return cls(checkpoint, model, info)
+
+    def warm_up(self) -> None:
+        """One dummy inference: allocates buffers now, and proves the output fits the classes."""
+        size = self.spec.input_size
+        try:
+            self.predict_face(Image.new("L", (size, size), 128))
+        except (RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"{self.info.source}: warm-up inference failed: {exc}") from None
+
+    def predict_face(self, face: Image.Image) -> Prediction:
+        """Classify one face crop (any size, any mode Pillow can turn into grayscale)."""
+        return self.predict_faces([face])[0]
+
+    def predict_faces(self, faces: Sequence[Image.Image]) -> list[Prediction]:
+        """Classify a batch of face crops in one forward pass."""
+        if not faces:
+            return []
+        crops = np.stack([prepare_face(face, self.spec) for face in faces])  # uint8 (N, S, S)
+        x = normalize(torch.from_numpy(crops), self.spec).contiguous(memory_format=torch.channels_last)  # (N, 1, S, S)
+        with torch.inference_mode():
+            logits = self.model(x)  # (N, num_classes)
+            if logits.shape != (len(faces), len(self.classes)):
+                raise ValueError(f"model output shape {tuple(logits.shape)} does not fit {len(self.classes)} classes")
+            probs = torch.softmax(logits.float(), dim=1)
+        return [self._postprocess(row) for row in probs.tolist()]
+
+    def _postprocess(self, probs: list[float]) -> Prediction:
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return Prediction(
+            emotion=self.classes[best],
+            confidence=probs[best],
+            scores=dict(zip(self.classes, probs, strict=True)),
+        )
+
+
+def _resolve_latest(folder: Path) -> tuple[Path, storage.LatestPointer]:
+    """The model file ``folder/latest.json`` names, which must lie inside ``folder``."""
+    try:
+        pointer = storage.read_latest(folder)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder}: folder has no {storage.LATEST}") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ModelLoadError(f"{folder / storage.LATEST}: unreadable ({exc})") from None
+    path = Path(pointer.model_uri(folder)).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ModelLoadError(f"{folder / storage.LATEST}: model path {pointer.path!r} leaves the folder")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: named by {folder / storage.LATEST} but missing")
+    return path, pointer
+
+
+def _fetch_gcs(uri: str) -> tuple[Path, str, str]:
+    """A verified local copy of a gs:// model: (path, run_id, sha256)."""
+    try:
+        if uri.endswith(".pt"):  # a file, not a prefix: nothing to verify it against
+            path = storage.fetch_to_cache(uri)
+            return path, "", storage.sha256_file(path)
+        pointer = storage.read_latest(uri)
+        if not _SHA256.fullmatch(pointer.sha256):
+            raise ModelLoadError(f"{storage.join(uri, storage.LATEST)}: sha256 {pointer.sha256!r} is not a sha256 digest")
+        dest = storage.cache_dir() / "models" / pointer.sha256 / PurePosixPath(pointer.path).name
+        if dest.is_file() and storage.sha256_file(dest) == pointer.sha256:
+            log.info("using cached %s for %s", dest, uri)
+        else:
+            log.info("downloading %s to %s", pointer.model_uri(uri), dest)
+            storage.download(pointer.model_uri(uri), dest, expected_sha256=pointer.sha256)
+        return dest, pointer.run_id, pointer.sha256
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # network, auth, missing object, sha256 mismatch: all mean "cannot serve"
+        raise ModelLoadError(f"{uri}: cannot fetch the model ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,5 @@
+"""One router per resource."""
+
+from app.routes import health, model, predict
+
+__all__ = ["health", "model", "predict"]

@@ -1,0 +1,16 @@
+"""The loaded model's identity."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import PredictorDep
+from app.schemas import ErrorBody, ModelDetails
+
+router = APIRouter(tags=["model"])
+
+
+@router.get("/model", response_model=ModelDetails, responses={503: {"model": ErrorBody}})
+async def get_model(predictor: PredictorDep) -> ModelDetails:
+    """Run id, source, sha256, classes, metrics and load time of the served model."""
+    return ModelDetails.from_info(predictor.info)

@@ -1,0 +1,76 @@
+"""Response bodies. Separate from the internal objects (:class:`app.model.ModelInfo`) on purpose:
+the API stays the same when the internals move."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.model import ModelInfo
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(examples=["empty file"])
+
+
+class Face(BaseModel):
+    box: tuple[int, int, int, int] = Field(description="x, y, width, height in pixels of the upright image")
+    emotion: str = Field(examples=["happy"])
+    confidence: float = Field(ge=0.0, le=1.0, description="probability of `emotion`")
+    scores: dict[str, float] = Field(description="probability per class, in the model's class order")
+
+
+class ModelRef(BaseModel):
+    """Which model answered a prediction."""
+
+    version: str
+    architecture: str
+    sha256: str
+
+    @classmethod
+    def from_info(cls, info: ModelInfo) -> ModelRef:
+        return cls(version=info.version, architecture=info.architecture, sha256=info.sha256)
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    faces: list[Face]
+    model: ModelRef
+
+
+class ModelDetails(BaseModel):
+    """``GET /model``: the loaded model and where it came from."""
+
+    version: str
+    run_id: str
+    source: str
+    sha256: str
+    architecture: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    preprocessing: dict[str, Any]
+    created_at: str
+    code_version: str
+    loaded_at: str
+
+    @classmethod
+    def from_info(cls, info: ModelInfo) -> ModelDetails:
+        return cls(
+            version=info.version,
+            run_id=info.run_id,
+            source=info.source,
+            sha256=info.sha256,
+            architecture=info.architecture,
+            classes=list(info.classes),
+            metrics=dict(info.metrics),
+            preprocessing=dict(info.preprocessing),
+            created_at=info.created_at,
+            code_version=info.code_version,
+            loaded_at=info.loaded_at,
+        )

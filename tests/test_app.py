@@ -1,0 +1,583 @@
+"""The service, run for real: ``TestClient(app)`` as a context manager runs the lifespan, which
+loads a tiny real checkpoint written to ``tmp_path``; images are made in code."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.deps import get_predictor
+from app.images import decode_image, to_gray_or_rgb
+from app.main import create_app
+from app.model import ModelLoadError, Predictor
+from app.routes import predict as predict_routes
+from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
+from fercore.checkpoint import make_checkpoint, save_checkpoint
+from fercore.labels import CLASS_NAMES
+from fercore.models import ModelConfig, create_model
+from fercore.storage import LATEST, publish_run, sha256_file
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_ENV = ("MODEL_URI", "MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "TORCH_THREADS")
+
+
+# --- fixtures and helpers ---------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets reaches the app; Pillow's global limit is restored afterwards."""
+    for name in SETTINGS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_THREADS", "1")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
+def write_checkpoint(path: Path, run_id: str = "test-run", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("compact", width=4)
+    ckpt = make_checkpoint(model, ModelConfig("compact", {"width": 4}), run_id=run_id, metrics={"val_accuracy": 0.5})
+    save_checkpoint(ckpt, path, with_training_state=False)
+    return path
+
+
+@pytest.fixture
+def checkpoint_path(tmp_path: Path) -> Path:
+    return write_checkpoint(tmp_path / "model.pt")
+
+
+@contextmanager
+def running_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestClient]:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with TestClient(create_app()) as client:
+        yield client
+
+
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> Iterator[TestClient]:
+    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path)) as c:
+        yield c
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def face_pixels(width: int = 64, height: int = 48) -> np.ndarray:
+    """A uint8 gradient with a bright block: not constant, so equalisation has work to do."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    img = ((xs * 3 + ys * 2) % 200).astype(np.uint8)
+    img[height // 4 : height // 2, width // 4 : width // 2] = 250
+    return img
+
+
+def post_image(client: TestClient, data: bytes, name: str = "face.png") -> httpx.Response:
+    return client.post("/predict", files={"file": (name, data, "application/octet-stream")})
+
+
+def gray_png() -> bytes:
+    return encode(Image.fromarray(face_pixels(), mode="L"), "PNG")
+
+
+def rgb_png() -> bytes:
+    gray = face_pixels()
+    return encode(Image.fromarray(np.stack([gray, 255 - gray, gray // 2], axis=-1), mode="RGB"), "PNG")
+
+
+def rgb_jpeg() -> bytes:
+    gray = face_pixels()
+    return encode(Image.fromarray(np.stack([gray, gray, 255 - gray], axis=-1), mode="RGB"), "JPEG", quality=90)
+
+
+def rgba_png() -> bytes:
+    gray = face_pixels()
+    alpha = np.where(gray > 100, 255, 0).astype(np.uint8)
+    return encode(Image.fromarray(np.stack([gray, gray, gray, alpha], axis=-1), mode="RGBA"), "PNG")
+
+
+def palette_png() -> bytes:
+    image = Image.fromarray(np.stack([face_pixels()] * 3, axis=-1), mode="RGB").quantize(16)
+    return encode(image, "PNG", transparency=0)
+
+
+def png_16bit() -> bytes:
+    return encode(Image.fromarray(face_pixels().astype(np.uint16) * 257), "PNG")
+
+
+def animated_gif() -> bytes:
+    frames = [Image.fromarray(face_pixels(), mode="L"), Image.new("L", (64, 48), 255)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def bmp() -> bytes:
+    return encode(Image.fromarray(face_pixels(), mode="L"), "BMP")
+
+
+def webp() -> bytes:
+    return encode(Image.fromarray(face_pixels(), mode="L").convert("RGB"), "WEBP")
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A few hundred bytes whose PNG header claims ``width`` x ``height``: a decompression bomb."""
+    data = encode(Image.new("L", (8, 8)), "PNG")
+    ihdr = bytearray(data[8 : 8 + 25])  # length, b"IHDR", 13 bytes of fields, crc
+    ihdr[8:16] = struct.pack(">II", width, height)
+    ihdr[21:25] = struct.pack(">I", zlib.crc32(bytes(ihdr[4:21])))
+    return data[:8] + bytes(ihdr) + data[33:]
+
+
+def assert_valid_scores(face: dict) -> None:
+    scores = face["scores"]
+    assert list(scores) == list(CLASS_NAMES)
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+    assert all(0.0 <= p <= 1.0 for p in scores.values())
+    assert face["emotion"] == max(scores, key=scores.__getitem__)
+    assert face["confidence"] == pytest.approx(max(scores.values()))
+
+
+# --- probes and model info --------------------------------------------------------------
+
+
+def test_healthz(client: TestClient) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+def test_readyz_once_model_loaded(client: TestClient) -> None:
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready"}
+
+
+def test_readyz_before_lifespan_is_503(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    monkeypatch.setenv("MODEL_URI", str(checkpoint_path))
+    client = TestClient(create_app())  # not entered: the lifespan has not run, no model yet
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+
+
+def test_openapi_documents_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/healthz", "/readyz", "/model", "/predict"} <= set(paths)
+    assert {"200", "400", "413", "415", "422", "503"} <= set(paths["/predict"]["post"]["responses"])
+
+
+def test_model_info(client: TestClient, checkpoint_path: Path) -> None:
+    r = client.get("/model")
+    assert r.status_code == 200
+    info = r.json()
+    assert info["version"] == info["run_id"] == "test-run"
+    assert info["source"] == str(checkpoint_path)
+    assert info["sha256"] == sha256_file(checkpoint_path)
+    assert info["architecture"] == "compact"
+    assert info["classes"] == list(CLASS_NAMES)
+    assert info["metrics"] == {"val_accuracy": 0.5}
+    assert info["preprocessing"]["input_size"] == 48
+    assert info["loaded_at"] and info["created_at"]
+
+
+# --- predictions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [gray_png, rgb_png, rgb_jpeg, rgba_png, palette_png, png_16bit, animated_gif, bmp, webp],
+    ids=lambda f: f.__name__,
+)
+def test_predict_image_formats(client: TestClient, make) -> None:
+    r = post_image(client, make())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["faces"]) == 1
+    face = body["faces"][0]
+    assert face["box"] == [0, 0, 64, 48]
+    assert_valid_scores(face)
+    assert body["model"]["version"] == "test-run"
+    assert body["model"]["architecture"] == "compact"
+
+
+def test_predict_matches_the_model(client: TestClient, checkpoint_path: Path) -> None:
+    """The route returns exactly what the checkpoint's model says about the image."""
+    image = Image.fromarray(face_pixels(), mode="L")
+    expected = Predictor.from_uri(str(checkpoint_path)).predict_face(image)
+    face = post_image(client, encode(image, "PNG")).json()["faces"][0]
+    assert face["emotion"] == expected["emotion"]
+    for name in CLASS_NAMES:
+        assert face["scores"][name] == pytest.approx(expected["scores"][name], abs=1e-6)
+
+
+def test_exif_orientation_is_applied(client: TestClient) -> None:
+    stored = np.full((20, 40), 30, dtype=np.uint8)  # 40 wide, 20 high as stored
+    stored[:10, :10] = 230  # bright block in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    data = encode(Image.fromarray(stored, mode="L"), "JPEG", quality=95, exif=exif.tobytes())
+
+    upright = np.asarray(decode_image(data, 10_000).convert("L"))
+    assert upright.shape == (40, 20)  # now 20 wide, 40 high
+    assert upright[:10, -10:].mean() > 180  # the block moved to the top-right corner
+    assert upright[:10, :10].mean() < 80
+
+    r = post_image(client, data, "rotated.jpg")
+    assert r.status_code == 200
+    assert r.json()["faces"][0]["box"] == [0, 0, 20, 40]
+
+
+def test_16bit_image_is_scaled_not_clipped() -> None:
+    pixels = face_pixels().astype(np.uint16) * 257  # 8-bit values spread over 0..65535
+    decoded = decode_image(encode(Image.fromarray(pixels), "PNG"), 10_000)
+    assert decoded.mode == "L"
+    np.testing.assert_array_equal(np.asarray(decoded), face_pixels())
+
+
+def test_gif_first_frame_is_used() -> None:
+    frames = [Image.new("L", (16, 16), 0), Image.new("L", (16, 16), 255)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert np.asarray(decode_image(data, 10_000).convert("L")).max() == 0
+
+
+def test_transparency_is_flattened_onto_white() -> None:
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(decode_image(encode(clear, "PNG"), 10_000)).min() == 255
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    assert np.asarray(decode_image(encode(palette, "PNG", transparency=0), 10_000)).min() == 255
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "I", "F", "CMYK", "YCbCr", "RGBA", "P"])
+def test_every_mode_becomes_gray_or_rgb(mode: str) -> None:
+    image = Image.fromarray(face_pixels(), mode="L").convert(mode)
+    assert to_gray_or_rgb(image).mode in ("L", "RGB")
+
+
+def test_inference_runs_off_the_event_loop(client: TestClient) -> None:
+    real = client.app.state.predictor
+    on_loop: list[bool] = []
+
+    class Spy:
+        info = real.info
+
+        def predict_face(self, image: Image.Image):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:  # a worker thread has no running loop
+                on_loop.append(False)
+            return real.predict_face(image)
+
+    client.app.dependency_overrides[get_predictor] = Spy
+    assert post_image(client, gray_png()).status_code == 200
+    assert on_loop == [False]
+
+
+# --- bad input: always 4xx, stable details ----------------------------------------------
+
+
+def test_empty_file_is_400(client: TestClient) -> None:
+    r = post_image(client, b"")
+    assert r.status_code == 400
+    assert r.json() == {"detail": "empty file"}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not an image at all", os.urandom(2048), b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"],
+    ids=["text", "random", "eps"],
+)
+def test_undecodable_is_415(client: TestClient, data: bytes) -> None:
+    r = post_image(client, data)
+    assert r.status_code == 415
+    assert r.json() == {"detail": "unsupported image format"}
+
+
+def test_truncated_image_is_400(client: TestClient) -> None:
+    data = rgb_jpeg()
+    r = post_image(client, data[: len(data) // 2])
+    assert r.status_code == 400
+    assert r.json() == {"detail": "corrupt image"}
+
+
+def test_missing_file_field_is_422(client: TestClient) -> None:
+    assert client.post("/predict", files={"image": ("a.png", gray_png())}).status_code == 422
+    assert client.post("/predict", content=gray_png(), headers={"content-type": "image/png"}).status_code == 422
+
+
+def test_malformed_multipart_is_400(client: TestClient) -> None:
+    r = client.post("/predict", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert 400 <= r.status_code < 500
+
+
+def test_file_over_limit_is_413(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_UPLOAD_BYTES="1000") as client:
+        r = post_image(client, b"\x00" * 1001)  # small body: passes the body limit, caught on read
+        assert r.status_code == 413
+        assert r.json() == {"detail": "file too large"}
+        assert post_image(client, b"\x00" * 1000).status_code == 415  # at the limit: read, then judged
+
+
+def test_body_over_limit_is_413_before_reading(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    async def never_called(*args: object) -> bytes:
+        raise AssertionError("the route ran: the body was read in full")
+
+    monkeypatch.setattr(predict_routes, "read_upload", never_called)
+    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_UPLOAD_BYTES="1000") as client:
+        r = post_image(client, b"\x00" * 200_000)  # Content-Length alone says it is too big
+        assert r.status_code == 413
+        assert r.json() == {"detail": "file too large"}
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+            yield b"--x\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n"
+            for _ in range(10):
+                yield b"\x00" * 20_000
+
+        r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 413
+        assert r.json() == {"detail": "file too large"}
+
+
+def test_image_over_pixel_limit_is_413(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_IMAGE_PIXELS="10000") as client:
+        at_limit = encode(Image.new("L", (100, 100), 90), "PNG")
+        assert post_image(client, at_limit).status_code == 200
+        for size in [(101, 100), (150, 150)]:  # Pillow warns below 2x the limit and raises above
+            r = post_image(client, encode(Image.new("L", size, 90), "PNG"))
+            assert r.status_code == 413
+            assert r.json() == {"detail": "image has too many pixels"}
+
+
+def test_decompression_bomb_is_413(client: TestClient) -> None:
+    bomb = png_claiming_size(20_000, 20_000)  # 400 Mpx claimed in a few hundred bytes
+    assert len(bomb) < 1000
+    r = post_image(client, bomb)
+    assert r.status_code == 413
+    assert r.json() == {"detail": "image has too many pixels"}
+
+
+def test_unexpected_error_is_logged_500(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, caplog) -> None:
+    class Broken:
+        def predict_face(self, image: Image.Image):
+            raise RuntimeError("boom")
+
+    monkeypatch.setenv("MODEL_URI", str(checkpoint_path))
+    app = create_app()
+    app.dependency_overrides[get_predictor] = Broken
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
+        r = post_image(client, gray_png())
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal error"}
+    assert any(rec.exc_info and "boom" in str(rec.exc_info[1]) for rec in caplog.records)
+
+
+# --- where the model comes from ---------------------------------------------------------
+
+
+def publish(tmp_path: Path, run_id: str = "run-7") -> tuple[Path, Path]:
+    """A model registry folder as training publishes it: ``<out>/<run_id>/model.pt`` + latest.json."""
+    model = write_checkpoint(tmp_path / "build" / "model.pt", run_id=run_id)
+    out = tmp_path / "registry"
+    publish_run(out, run_id, {"model.pt": model}, metrics={"val_accuracy": 0.5})
+    return out, out / run_id / "model.pt"
+
+
+def test_folder_with_latest_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    folder, model = publish(tmp_path)
+    with running_app(monkeypatch, MODEL_URI=str(folder)) as client:
+        assert client.get("/readyz").status_code == 200
+        info = client.get("/model").json()
+        assert info["version"] == "run-7"
+        assert info["sha256"] == sha256_file(model)
+        assert info["source"] == str(folder)
+        assert post_image(client, gray_png()).json()["model"]["version"] == "run-7"
+
+
+def test_sha256_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog) -> None:
+    """Documented choice: the process starts, logs the reason at ERROR, and never becomes ready."""
+    folder, model = publish(tmp_path)
+    write_checkpoint(model, run_id="run-7", seed=1)  # same name, different bytes
+    with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=str(folder)) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/readyz").json() == {"detail": "model not loaded"}
+        assert client.get("/model").status_code == 503
+        assert post_image(client, gray_png()).status_code == 503
+    messages = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert any("sha256" in m and "does not match" in m and str(model) in m for m in messages)
+
+
+def test_sha256_mismatch_raises_from_predictor(tmp_path: Path) -> None:
+    folder, model = publish(tmp_path)
+    model.write_bytes(model.read_bytes() + b"tampered")
+    with pytest.raises(ModelLoadError, match="does not match"):
+        Predictor.from_uri(str(folder))
+
+
+def _break_pointer(folder: Path) -> None:
+    pointer = json.loads((folder / LATEST).read_text())
+    pointer["path"] = "../outside.pt"
+    (folder / LATEST).write_text(json.dumps(pointer))
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("missing", "no such checkpoint"),
+        ("no_latest", "has no latest.json"),
+        ("bad_latest", "unreadable"),
+        ("escaping_path", "leaves the folder"),
+        ("model_gone", "missing"),
+        ("not_a_checkpoint", "unreadable or truncated"),
+    ],
+)
+def test_unloadable_model_keeps_service_unready(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog, case: str, reason: str
+) -> None:
+    folder, model = publish(tmp_path)
+    uri = str(folder)
+    if case == "missing":
+        uri = str(tmp_path / "nowhere.pt")
+    elif case == "no_latest":
+        (folder / LATEST).unlink()
+    elif case == "bad_latest":
+        (folder / LATEST).write_text("{not json")
+    elif case == "escaping_path":
+        _break_pointer(folder)
+        write_checkpoint(folder.parent / "outside.pt")
+    elif case == "model_gone":
+        model.unlink()
+    elif case == "not_a_checkpoint":
+        uri = str(tmp_path / "junk.pt")
+        Path(uri).write_bytes(b"this is not a torch file")
+    with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=uri) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+    assert any(reason in rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR)
+
+
+def test_gcs_prefix_is_downloaded_verified_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gcs) -> None:
+    prefix = f"gs://{gcs.name}/models"
+    model = write_checkpoint(tmp_path / "model.pt", run_id="gcs-run")
+    publish_run(prefix, "gcs-run", {"model.pt": model})
+    with running_app(monkeypatch, MODEL_URI=prefix) as client:
+        info = client.get("/model").json()
+        assert (info["version"], info["sha256"], info["source"]) == ("gcs-run", sha256_file(model), prefix)
+    cached = list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.pt"))
+    assert len(cached) == 1 and sha256_file(cached[0]) == sha256_file(model)
+
+
+def test_gcs_sha256_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gcs, caplog) -> None:
+    prefix = f"gs://{gcs.name}/models"
+    publish_run(prefix, "gcs-run", {"model.pt": write_checkpoint(tmp_path / "model.pt")})
+    gcs.blob("models/gcs-run/model.pt").upload_from_filename(str(write_checkpoint(tmp_path / "other.pt", seed=1)))
+    with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=prefix) as client:
+        assert client.get("/readyz").status_code == 503
+    assert any("does not match" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR)
+    assert not list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.pt"))
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_settings_defaults() -> None:
+    settings = Settings(_env_file=None, torch_threads=0)
+    assert settings.model_uri is None
+    assert settings.resolved_model_uri() == str(BUNDLED_MODEL)
+    assert BUNDLED_MODEL == ROOT / "models" / "fer-compact.pt"
+    assert settings.max_upload_bytes == 10 * 1024 * 1024
+    assert settings.max_image_pixels == 40_000_000
+    assert settings.resolved_torch_threads() == len(os.sched_getaffinity(0))
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_URI", " gs://bucket/models ")
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", "2048")
+    monkeypatch.setenv("MAX_IMAGE_PIXELS", "1000")
+    monkeypatch.setenv("TORCH_THREADS", "3")
+    settings = load_settings()
+    assert settings.model_uri == "gs://bucket/models"
+    assert (settings.max_upload_bytes, settings.max_image_pixels, settings.resolved_torch_threads()) == (2048, 1000, 3)
+
+
+def test_empty_model_uri_means_bundled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_URI", "")
+    assert load_settings().resolved_model_uri() == str(BUNDLED_MODEL)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_UPLOAD_BYTES", "0"),
+        ("MAX_UPLOAD_BYTES", "ten"),
+        ("MAX_IMAGE_PIXELS", "-5"),
+        ("TORCH_THREADS", "-1"),
+        ("MODEL_URI", "s3://bucket/model.pt"),
+        ("MODEL_URI", "gs:///model.pt"),
+    ],
+)
+def test_invalid_settings_stop_startup(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        create_app()
+
+
+# --- the real server --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_uvicorn_serves_predictions(checkpoint_path: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log_file = (tmp_path / "uvicorn.log").open("wb")
+    env = {**os.environ, "MODEL_URI": str(checkpoint_path), "TORCH_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "uvicorn.log").read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready in 90 s"
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/predict", files={"file": ("face.jpg", rgb_jpeg(), "image/jpeg")}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert_valid_scores(r.json()["faces"][0])
+        assert httpx.post(f"{base}/predict", files={"file": ("e.png", b"", "image/png")}, timeout=30).status_code == 400
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
