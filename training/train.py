@@ -30,7 +30,7 @@ from tqdm import tqdm
 from fercore import storage
 from fercore.checkpoint import Checkpoint, build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.labels import CLASS_NAMES
-from fercore.models import ModelConfig, count_parameters, create_model
+from fercore.models import ModelConfig, count_parameters
 from fercore.models.transfer import load_pretrained
 from fercore.preprocessing import PreprocessSpec, normalize
 from training import runtime
@@ -61,7 +61,7 @@ class RunState:
 
 def build_model_for(cfg: TrainConfig) -> tuple[nn.Module, ModelConfig]:
     model_cfg = ModelConfig(cfg.model, dict(cfg.model_kwargs))
-    model = create_model(cfg.model, **cfg.model_kwargs)
+    model = model_cfg.build()
     if cfg.pretrained:
         load_pretrained(model, cfg.model, cfg.pretrained_weights)
     return model, model_cfg
@@ -239,7 +239,6 @@ def training_state(
     gen: torch.Generator,
     state: RunState,
     cfg: TrainConfig,
-    data: FerData,
     output: str,
 ) -> dict[str, Any]:
     rng: dict[str, Any] = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
@@ -306,8 +305,10 @@ def run(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | No
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, 48, 48), ~66 MB for FER2013
     labels = torch.from_numpy(train_split.labels).to(device)
 
-    model, model_cfg = build_model_for(cfg) if resume is None else (create_model(cfg.model, **cfg.model_kwargs), resume.model)
-    if resume is not None:
+    if resume is None:
+        model, model_cfg = build_model_for(cfg)
+    else:
+        model, model_cfg = resume.model.build(), resume.model
         model.load_state_dict(resume.state_dict)
     model = model.to(device)
     if cfg.channels_last:
@@ -368,7 +369,7 @@ def run(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | No
             model_cfg,
             metrics=_summary(row),
             **common,
-            training_state=training_state(optimizer, scheduler, gen, state, cfg, data, output),
+            training_state=training_state(optimizer, scheduler, gen, state, cfg, output),
         )
         save_checkpoint(last, work / "last.pt")
         tracker.log(row)
