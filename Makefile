@@ -8,7 +8,6 @@ PORT   ?= 8000
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 
 # The service: shared core + app, no training dependencies.
 install: $(BIN)/python

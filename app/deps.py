@@ -6,7 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.concurrency import InferenceLimiter
 from app.errors import ModelNotReady
+from app.faces import FaceDetector
 from app.model import Predictor
 from app.settings import Settings
 
@@ -23,5 +25,21 @@ def get_predictor(request: Request) -> Predictor:
     return predictor
 
 
+def get_detector(request: Request) -> FaceDetector:
+    detector: FaceDetector | None = request.app.state.detector
+    if detector is None:  # only before the lifespan has run
+        raise ModelNotReady()
+    return detector
+
+
+def get_limiter(request: Request) -> InferenceLimiter:
+    limiter: InferenceLimiter | None = request.app.state.limiter
+    if limiter is None:  # only before the lifespan has run
+        raise ModelNotReady()
+    return limiter
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+DetectorDep = Annotated[FaceDetector, Depends(get_detector)]
+LimiterDep = Annotated[InferenceLimiter, Depends(get_limiter)]

@@ -25,8 +25,8 @@ class ServiceError(StarletteHTTPException):
     status: int = 500
     message: str = "internal error"
 
-    def __init__(self, detail: str | None = None) -> None:
-        super().__init__(self.status, detail or self.message)
+    def __init__(self, detail: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(self.status, detail or self.message, headers)
 
 
 class EmptyFile(ServiceError):
@@ -41,6 +41,12 @@ class PayloadTooLarge(ServiceError):
     status, message = 413, "file too large"
 
 
+class TooManyFiles(ServiceError):
+    # 413, not 422: like a byte limit, it is a size the server refuses ("send less"), and a
+    # 422's detail is FastAPI's list of validation errors, which this is not.
+    status, message = 413, "too many files"
+
+
 class ImageTooLarge(ServiceError):
     status, message = 413, "image has too many pixels"
 
@@ -51,6 +57,16 @@ class UnsupportedImage(ServiceError):
 
 class ModelNotReady(ServiceError):
     status, message = 503, "model not loaded"
+
+
+class ServerBusy(ServiceError):
+    """Every inference slot is taken and the wait queue is full: try again shortly."""
+
+    status, message = 503, "server busy"
+    retry_after_s = 1
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": str(self.retry_after_s)})
 
 
 async def handle_service_error(request: Request, exc: Exception) -> JSONResponse:

@@ -4,7 +4,11 @@ Settings are read when the app is created (an invalid value stops startup with a
 :class:`~app.settings.ConfigError`); the model is loaded in the lifespan, before the first
 request. A model that cannot be loaded does not crash the process: the reason is logged at
 ERROR, ``/healthz`` stays 200 and ``/readyz`` answers 503, so the instance never receives
-traffic and the reason stays visible in its logs.
+traffic and the reason stays visible in its logs. The face detector ships inside the opencv
+package, so failing to load it is a broken install and does stop startup.
+
+``/docs`` (Swagger UI) and ``/redoc`` are served from assets installed with the
+``fastapi-offline`` package, not from a CDN: they work where the service has no internet.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from app import routes
+from app.concurrency import InferenceLimiter
 from app.errors import install_error_handlers
+from app.faces import CASCADE_PATH, FaceDetector, configure_opencv
 from app.images import configure_pillow
 from app.limits import MULTIPART_OVERHEAD, BodySizeLimit
 from app.logs import configure_logging
@@ -37,8 +44,13 @@ def load_predictor(uri: str) -> Predictor:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    torch.set_num_threads(settings.resolved_torch_threads())
+    threads = settings.resolved_torch_threads()
+    torch.set_num_threads(threads)
+    configure_opencv(threads)
     configure_pillow(settings.max_image_pixels)
+    slots = settings.resolved_max_concurrent_inferences()
+    app.state.limiter = InferenceLimiter(slots, settings.max_queue)
+    app.state.detector = await run_in_threadpool(FaceDetector, CASCADE_PATH, slots)  # one cascade per slot
     uri = settings.resolved_model_uri()
     try:
         predictor = await run_in_threadpool(load_predictor, uri)
@@ -50,20 +62,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("serving model %s (%s, sha256 %s) from %s", info.version, info.architecture, info.sha256, info.source)
     yield
     app.state.predictor = None
+    app.state.detector = None
+    app.state.limiter = None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; ``settings`` defaults to the environment as it is now."""
     settings = settings or load_settings()
-    app = FastAPI(
+    app = FastAPIOffline(
         title="FER2013 facial expression service",
         version="0.1.0",
-        description="Classifies the facial expression in an image into one of the seven FER2013 emotions.",
+        description="Finds the faces in an image and classifies the expression of each into one of the seven FER2013 emotions.",
         lifespan=lifespan,
+        # Else Swagger UI, served from any host but localhost, shows a badge from validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.predictor = None
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.state.detector = None
+    app.state.limiter = None
+    per_file = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.add_middleware(
+        BodySizeLimit, max_body_bytes=per_file, path_limits={"/predict/batch": settings.max_batch_files * per_file}
+    )
     install_error_handlers(app)
     app.include_router(routes.health.router)
     app.include_router(routes.model.router)

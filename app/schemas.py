@@ -19,7 +19,9 @@ class ErrorBody(BaseModel):
 
 
 class Face(BaseModel):
-    box: tuple[int, int, int, int] = Field(description="x, y, width, height in pixels of the upright image")
+    box: tuple[int, int, int, int] = Field(
+        description="x, y, width, height in pixels of the upright image: the detected face, or the whole image with detect=false"
+    )
     emotion: str = Field(examples=["happy"])
     confidence: float = Field(ge=0.0, le=1.0, description="probability of `emotion`")
     scores: dict[str, float] = Field(description="probability per class, in the model's class order")
@@ -41,6 +43,30 @@ class PredictResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     faces: list[Face]
+    model: ModelRef
+
+
+class FileError(BaseModel):
+    """Why one file of a batch got no faces: the status and detail ``POST /predict`` would answer."""
+
+    status: int = Field(examples=[415])
+    detail: str = Field(examples=["unsupported image format"])
+
+
+class FileFaces(BaseModel):
+    filename: str | None = Field(description="the file name the client sent, if any", examples=["team.jpg"])
+    faces: list[Face]
+
+
+class FileFailure(BaseModel):
+    filename: str | None = Field(description="the file name the client sent, if any", examples=["notes.txt"])
+    error: FileError
+
+
+class BatchResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    results: list[FileFaces | FileFailure] = Field(description="one per uploaded file, in upload order")
     model: ModelRef
 
 

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 class Settings(BaseSettings):
     """Read from the environment (no prefix, case-insensitive): ``MODEL_URI``, ``MAX_UPLOAD_BYTES``,
-    ``MAX_IMAGE_PIXELS``, ``TORCH_THREADS``."""
+    ``MAX_IMAGE_PIXELS``, ``TORCH_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
+    ``MAX_QUEUE``."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, env_ignore_empty=True, extra="ignore")
 
@@ -37,6 +38,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     # Torch intra-op threads; 0 means one per CPU this process may run on.
     torch_threads: int = Field(default=0, ge=0, le=1024)
+    # Most files in one ``POST /predict/batch`` request (Starlette's parser stops at 1000 parts).
+    max_batch_files: int = Field(default=16, ge=1, le=1000)
+    # Inferences (decode + detect + classify) running at once; 0 means one per CPU.
+    max_concurrent_inferences: int = Field(default=0, ge=0, le=1024)
+    # Requests allowed to wait for an inference slot; beyond that they get 503 at once.
+    max_queue: int = Field(default=64, ge=0, le=100_000)
 
     @field_validator("model_uri")
     @classmethod
@@ -57,12 +64,18 @@ class Settings(BaseSettings):
         return self.model_uri or str(BUNDLED_MODEL)
 
     def resolved_torch_threads(self) -> int:
-        if self.torch_threads:
-            return self.torch_threads
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not on Linux
-            return max(1, os.cpu_count() or 1)
+        return self.torch_threads or available_cpus()
+
+    def resolved_max_concurrent_inferences(self) -> int:
+        return self.max_concurrent_inferences or available_cpus()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; a cgroup CPU quota is not seen here)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def load_settings() -> Settings:

@@ -1,5 +1,6 @@
 """The service, run for real: ``TestClient(app)`` as a context manager runs the lifespan, which
-loads a tiny real checkpoint written to ``tmp_path``; images are made in code."""
+loads a tiny real checkpoint written to ``tmp_path``; images are made in code, and the photos
+for face detection are the public-domain ones scikit-image ships."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +28,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.concurrency import InferenceLimiter
 from app.deps import get_predictor
+from app.errors import ServerBusy
+from app.faces import CROP_MARGIN, expand_box
 from app.images import decode_image, to_gray_or_rgb
 from app.main import create_app
 from app.model import ModelLoadError, Predictor
@@ -35,9 +42,18 @@ from fercore.labels import CLASS_NAMES
 from fercore.models import ModelConfig, create_model
 from fercore.storage import LATEST, publish_run, sha256_file
 from tests.conftest import free_port
+from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_ENV = ("MODEL_URI", "MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "TORCH_THREADS")
+SETTINGS_ENV = (
+    "MODEL_URI",
+    "MAX_UPLOAD_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "TORCH_THREADS",
+    "MAX_BATCH_FILES",
+    "MAX_CONCURRENT_INFERENCES",
+    "MAX_QUEUE",
+)
 
 
 # --- fixtures and helpers ---------------------------------------------------------------
@@ -93,8 +109,10 @@ def face_pixels(width: int = 64, height: int = 48) -> np.ndarray:
     return img
 
 
-def post_image(client: TestClient, data: bytes, name: str = "face.png") -> httpx.Response:
-    return client.post("/predict", files={"file": (name, data, "application/octet-stream")})
+def post_image(client: TestClient, data: bytes, name: str = "face.png", detect: bool | None = None) -> httpx.Response:
+    """``POST /predict``; ``detect`` is sent only when given (the server's default is true)."""
+    params = {} if detect is None else {"detect": str(detect).lower()}
+    return client.post("/predict", files={"file": (name, data, "application/octet-stream")}, params=params)
 
 
 def gray_png() -> bytes:
@@ -157,6 +175,12 @@ def assert_valid_scores(face: dict) -> None:
     assert face["confidence"] == pytest.approx(max(scores.values()))
 
 
+def post_batch(client: TestClient, files: Sequence[tuple[str, bytes]], detect: bool | None = None) -> httpx.Response:
+    params = {} if detect is None else {"detect": str(detect).lower()}
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return client.post("/predict/batch", files=parts, params=params)
+
+
 # --- probes and model info --------------------------------------------------------------
 
 
@@ -177,12 +201,57 @@ def test_readyz_before_lifespan_is_503(monkeypatch: pytest.MonkeyPatch, checkpoi
     client = TestClient(create_app())  # not entered: the lifespan has not run, no model yet
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
+    assert post_image(client, gray_png()).status_code == 503
+    assert post_batch(client, [("a.png", gray_png())]).status_code == 503
 
 
 def test_openapi_documents_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/healthz", "/readyz", "/model", "/predict"} <= set(paths)
-    assert {"200", "400", "413", "415", "422", "503"} <= set(paths["/predict"]["post"]["responses"])
+    assert {"/healthz", "/readyz", "/model", "/predict", "/predict/batch"} <= set(paths)
+    predict = paths["/predict"]["post"]
+    assert {"200", "400", "413", "415", "422", "503"} <= set(predict["responses"])
+    assert '"faces": []' in predict["description"]  # no face found is a 200, and says so
+    for op in (predict, paths["/predict/batch"]["post"]):
+        (detect,) = [p for p in op["parameters"] if p["name"] == "detect"]
+        assert detect["in"] == "query" and detect["schema"]["default"] is True
+    assert {"200", "413", "422", "503"} <= set(paths["/predict/batch"]["post"]["responses"])
+
+
+def local_asset_urls(html: str) -> list[str]:
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+    assert urls, "the page loads no assets at all"
+    return urls
+
+
+@pytest.mark.parametrize(
+    ("page", "needs"),
+    [("/docs", {"javascript", "text/css", "image/png"}), ("/redoc", {"javascript", "image/png"})],
+)
+def test_api_docs_are_served_without_a_cdn(client: TestClient, page: str, needs: set[str]) -> None:
+    r = client.get(page)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "://" not in r.text  # no absolute URL: no CDN, no Google Fonts, no validator badge
+    seen: set[str] = set()
+    for url in local_asset_urls(r.text):
+        assert url.startswith("/") and not url.startswith("//"), url
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        kind = asset.headers["content-type"]
+        expected = {".js": "javascript", ".css": "text/css", ".png": "image/png"}[Path(url).suffix]
+        assert expected in kind, (url, kind)
+        seen.add(expected)
+    assert seen == needs
+    if page == "/docs":
+        assert '"validatorUrl": null' in r.text
+        assert "url: '/openapi.json'" in r.text
+
+
+def test_swagger_ui_is_version_5(client: TestClient) -> None:
+    """Swagger UI 4 cannot render the file inputs of FastAPI's OpenAPI 3.1 document."""
+    (js,) = [u for u in local_asset_urls(client.get("/docs").text) if u.endswith(".js")]
+    match = re.search(r'PACKAGE_VERSION:"(\d+)\.', client.get(js).text)
+    assert match and int(match.group(1)) >= 5
 
 
 def test_model_info(client: TestClient, checkpoint_path: Path) -> None:
@@ -208,7 +277,7 @@ def test_model_info(client: TestClient, checkpoint_path: Path) -> None:
     ids=lambda f: f.__name__,
 )
 def test_predict_image_formats(client: TestClient, make) -> None:
-    r = post_image(client, make())
+    r = post_image(client, make(), detect=False)
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["faces"]) == 1
@@ -223,7 +292,7 @@ def test_predict_matches_the_model(client: TestClient, checkpoint_path: Path) ->
     """The route returns exactly what the checkpoint's model says about the image."""
     image = Image.fromarray(face_pixels(), mode="L")
     expected = Predictor.from_uri(str(checkpoint_path)).predict_face(image)
-    face = post_image(client, encode(image, "PNG")).json()["faces"][0]
+    face = post_image(client, encode(image, "PNG"), detect=False).json()["faces"][0]
     assert face["emotion"] == expected["emotion"]
     for name in CLASS_NAMES:
         assert face["scores"][name] == pytest.approx(expected["scores"][name], abs=1e-6)
@@ -241,7 +310,7 @@ def test_exif_orientation_is_applied(client: TestClient) -> None:
     assert upright[:10, -10:].mean() > 180  # the block moved to the top-right corner
     assert upright[:10, :10].mean() < 80
 
-    r = post_image(client, data, "rotated.jpg")
+    r = post_image(client, data, "rotated.jpg", detect=False)
     assert r.status_code == 200
     assert r.json()["faces"][0]["box"] == [0, 0, 20, 40]
 
@@ -280,17 +349,277 @@ def test_inference_runs_off_the_event_loop(client: TestClient) -> None:
     class Spy:
         info = real.info
 
-        def predict_face(self, image: Image.Image):
+        def predict_faces(self, faces: list[Image.Image]):
             try:
                 asyncio.get_running_loop()
                 on_loop.append(True)
             except RuntimeError:  # a worker thread has no running loop
                 on_loop.append(False)
-            return real.predict_face(image)
+            return real.predict_faces(faces)
 
     client.app.dependency_overrides[get_predictor] = Spy
-    assert post_image(client, gray_png()).status_code == 200
+    assert post_image(client, gray_png(), detect=False).status_code == 200
     assert on_loop == [False]
+
+
+# --- face detection ---------------------------------------------------------------------
+
+
+def test_predict_finds_the_face_in_a_photo(client: TestClient) -> None:
+    r = post_image(client, photo_jpeg("astronaut"), "astronaut.jpg")
+    assert r.status_code == 200, r.text
+    (face,) = r.json()["faces"]
+    assert_astronaut_face(face["box"])
+    assert_valid_scores(face)
+
+
+@pytest.mark.parametrize("name", ["coffee", "rocket"])
+def test_photo_without_people_has_no_faces(client: TestClient, name: str) -> None:
+    r = post_image(client, photo_jpeg(name), f"{name}.jpg")
+    assert r.status_code == 200
+    assert r.json()["faces"] == []
+    assert r.json()["model"]["version"] == "test-run"
+
+
+def test_detect_false_takes_the_whole_image(client: TestClient) -> None:
+    (face,) = post_image(client, photo_jpeg("astronaut"), detect=False).json()["faces"]
+    assert face["box"] == [0, 0, 512, 512]
+    assert_valid_scores(face)
+    assert post_image(client, photo_jpeg("coffee"), detect=False).json()["faces"][0]["box"] == [0, 0, 600, 400]
+
+
+def test_detect_must_be_a_boolean(client: TestClient) -> None:
+    r = client.post("/predict", files={"file": ("a.png", gray_png())}, params={"detect": "maybe"})
+    assert r.status_code == 422
+
+
+def test_each_face_is_classified_from_its_crop(client: TestClient) -> None:
+    """The model sees the detected face with a margin, not the whole photo."""
+    real = client.app.state.predictor
+    seen: list[tuple[int, int]] = []
+
+    class Spy:
+        info = real.info
+
+        def predict_faces(self, faces: list[Image.Image]):
+            seen.extend(face.size for face in faces)
+            return real.predict_faces(faces)
+
+    client.app.dependency_overrides[get_predictor] = Spy
+    (face,) = post_image(client, photo_jpeg("astronaut")).json()["faces"]
+    _, _, w, h = expand_box(tuple(face["box"]), CROP_MARGIN, 512, 512)
+    assert seen == [(w, h)]
+    assert w > face["box"][2]  # the margin is there
+
+
+def test_faces_are_found_in_the_upright_image(client: TestClient) -> None:
+    """A camera JPEG stored sideways with an EXIF orientation: boxes are in upright pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    upright = photo("astronaut")
+    stored = upright.rotate(90, expand=True)  # counter-clockwise: what the sensor wrote
+    r = post_image(client, encode(stored, "JPEG", quality=90, exif=exif.tobytes()), "sideways.jpg")
+    (face,) = r.json()["faces"]
+    assert_astronaut_face(face["box"])
+
+
+# --- several images at once -------------------------------------------------------------
+
+
+def test_batch_keeps_order_and_reports_bad_files(client: TestClient) -> None:
+    truncated = rgb_jpeg()[:300]
+    files = [
+        ("astronaut.jpg", photo_jpeg("astronaut")),
+        ("notes.txt", b"not an image at all"),
+        ("coffee.jpg", photo_jpeg("coffee")),
+        ("empty.png", b""),
+        ("broken.jpg", truncated),
+        ("again.jpg", photo_jpeg("astronaut")),
+    ]
+    r = post_batch(client, files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["version"] == "test-run"
+    results = body["results"]
+    assert [item["filename"] for item in results] == [name for name, _ in files]
+    (face,) = results[0]["faces"]
+    assert_astronaut_face(face["box"])
+    assert_valid_scores(face)
+    assert results[1] == {"filename": "notes.txt", "error": {"status": 415, "detail": "unsupported image format"}}
+    assert results[2] == {"filename": "coffee.jpg", "faces": []}
+    assert results[3] == {"filename": "empty.png", "error": {"status": 400, "detail": "empty file"}}
+    assert results[4] == {"filename": "broken.jpg", "error": {"status": 400, "detail": "corrupt image"}}
+    assert results[5]["faces"] == results[0]["faces"]  # same photo, same answer
+
+
+def test_batch_matches_single_predictions(client: TestClient) -> None:
+    files = [("a.png", gray_png()), ("b.jpg", rgb_jpeg()), ("c.jpg", photo_jpeg("astronaut"))]
+    for detect in (True, False):
+        results = post_batch(client, files, detect=detect).json()["results"]
+        for (name, data), item in zip(files, results, strict=True):
+            single = post_image(client, data, name, detect=detect).json()["faces"]
+            assert [f["box"] for f in item["faces"]] == [f["box"] for f in single]
+            for got, want in zip(item["faces"], single, strict=True):
+                for cls in CLASS_NAMES:
+                    assert got["scores"][cls] == pytest.approx(want["scores"][cls], abs=1e-5)
+    whole = post_batch(client, files, detect=False).json()["results"]
+    assert [item["faces"][0]["box"] for item in whole] == [[0, 0, 64, 48], [0, 0, 64, 48], [0, 0, 512, 512]]
+
+
+def test_batch_classifies_all_faces_in_one_forward_pass(client: TestClient) -> None:
+    real = client.app.state.predictor
+    calls: list[int] = []
+
+    class Spy:
+        info = real.info
+
+        def predict_faces(self, faces: list[Image.Image]):
+            calls.append(len(faces))
+            return real.predict_faces(faces)
+
+    client.app.dependency_overrides[get_predictor] = Spy
+    files = [("a.jpg", photo_jpeg("astronaut")), ("bad", b"xx"), ("b.jpg", photo_jpeg("astronaut")), ("c.png", gray_png())]
+    r = post_batch(client, files)
+    assert r.status_code == 200
+    assert calls == [2]
+    assert post_batch(client, [("c.jpg", photo_jpeg("coffee"))]).json()["results"][0]["faces"] == []
+    assert calls == [2]  # no face, no forward pass
+
+
+def test_batch_over_file_count_is_413(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_BATCH_FILES="2") as client:
+        r = post_batch(client, [(f"{i}.png", gray_png()) for i in range(3)])
+        assert r.status_code == 413
+        assert r.json() == {"detail": "too many files"}
+        assert post_batch(client, [(f"{i}.png", gray_png()) for i in range(2)]).status_code == 200
+
+
+def test_batch_needs_files(client: TestClient) -> None:
+    assert client.post("/predict/batch", files={"file": ("a.png", gray_png())}).status_code == 422
+    assert client.post("/predict/batch").status_code == 422
+
+
+def test_batch_file_over_limit_is_its_own_error(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_UPLOAD_BYTES="2000") as client:
+        r = post_batch(client, [("big.bin", b"\x00" * 2001), ("ok.png", gray_png())], detect=False)
+        assert r.status_code == 200
+        big, ok = r.json()["results"]
+        assert big == {"filename": "big.bin", "error": {"status": 413, "detail": "file too large"}}
+        assert ok["faces"][0]["box"] == [0, 0, 64, 48]
+
+
+def test_batch_body_limit_scales_with_file_count(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    env = {"MODEL_URI": str(checkpoint_path), "MAX_UPLOAD_BYTES": "100000", "MAX_BATCH_FILES": "3"}
+    with running_app(monkeypatch, **env) as client:
+        # 3 x 90 kB: more than one file's body limit, within three files'
+        r = post_batch(client, [(f"{i}.bin", b"\x01" * 90_000) for i in range(3)])
+        assert r.status_code == 200
+        assert [item["error"]["status"] for item in r.json()["results"]] == [415, 415, 415]
+        assert post_image(client, b"\x01" * 270_000).status_code == 413  # /predict keeps one file's limit
+        r = post_batch(client, [(f"{i}.bin", b"\x01" * 200_000) for i in range(3)])  # over three files' limit
+        assert r.status_code == 413
+        assert r.json() == {"detail": "file too large"}
+
+
+# --- bounded concurrency ----------------------------------------------------------------
+
+
+class GatedPredictor:
+    """The real predictor behind a gate: each call announces itself, then waits to be let through."""
+
+    def __init__(self, real: Predictor) -> None:
+        self.real = real
+        self.info = real.info
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def predict_faces(self, faces: list[Image.Image]):
+        self.entered.release()
+        assert self.release.wait(60), "never released"
+        return self.real.predict_faces(faces)
+
+
+def wait_until(condition, what: str) -> None:
+    """Poll for a state another thread brings about; the timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def test_busy_server_answers_503(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    env = {"MODEL_URI": str(checkpoint_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "0"}
+    with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(1) as pool:
+        gate = GatedPredictor(client.app.state.predictor)
+        client.app.dependency_overrides[get_predictor] = lambda: gate
+        first = pool.submit(post_image, client, gray_png(), "a.png", False)
+        assert gate.entered.acquire(timeout=60)  # the only slot is taken
+
+        async def never_called(*args: object) -> bytes:
+            raise AssertionError("a refused request's upload was read")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(predict_routes, "read_upload", never_called)
+            for r in (post_image(client, gray_png(), detect=False), post_batch(client, [("b.png", gray_png())])):
+                assert r.status_code == 503
+                assert r.json() == {"detail": "server busy"}
+                assert r.headers["retry-after"] == "1"
+        gate.release.set()
+        assert first.result().status_code == 200
+        assert post_image(client, gray_png(), detect=False).status_code == 200  # the slot is free again
+        assert client.app.state.limiter.admitted == 0
+
+
+def test_requests_wait_in_a_bounded_queue(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    env = {"MODEL_URI": str(checkpoint_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "1"}
+    with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(2) as pool:
+        gate = GatedPredictor(client.app.state.predictor)
+        client.app.dependency_overrides[get_predictor] = lambda: gate
+        limiter = client.app.state.limiter
+        running = pool.submit(post_image, client, gray_png(), "a.png", False)
+        assert gate.entered.acquire(timeout=60)
+        waiting = pool.submit(post_image, client, gray_png(), "b.png", False)
+        wait_until(lambda: limiter.admitted == 2, "the second request waits for the slot")
+        assert not gate.entered.acquire(blocking=False)  # waiting, not running
+        r = post_image(client, gray_png(), detect=False)
+        assert (r.status_code, r.json()) == (503, {"detail": "server busy"})
+        gate.release.set()
+        assert running.result().status_code == 200
+        assert waiting.result().status_code == 200
+        assert gate.entered.acquire(timeout=60)  # the waiting one ran after all
+        assert limiter.admitted == 0
+
+
+def test_limiter_admits_running_plus_waiting() -> None:
+    async def scenario() -> None:
+        limiter = InferenceLimiter(max_running=1, max_waiting=1)
+        started, release = threading.Event(), threading.Event()
+
+        def block() -> str:
+            started.set()
+            release.wait(60)
+            return "first"
+
+        first = asyncio.create_task(limiter.run(block))
+        await asyncio.to_thread(started.wait, 60)
+        second = asyncio.create_task(limiter.run(lambda: "second"))
+        await asyncio.sleep(0)  # the second is admitted and waits on the semaphore
+        assert limiter.admitted == 2
+        with pytest.raises(ServerBusy):
+            await limiter.run(lambda: "third")
+        release.set()
+        assert (await first, await second) == ("first", "second")
+        assert limiter.admitted == 0
+        assert await limiter.run(lambda: "again") == "again"
+
+    asyncio.run(scenario())
+
+
+def test_limiter_rejects_nonsense_bounds() -> None:
+    with pytest.raises(ValueError):
+        InferenceLimiter(0, 1)
+    with pytest.raises(ValueError):
+        InferenceLimiter(1, -1)
 
 
 # --- bad input: always 4xx, stable details ----------------------------------------------
@@ -378,14 +707,14 @@ def test_decompression_bomb_is_413(client: TestClient) -> None:
 
 def test_unexpected_error_is_logged_500(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, caplog) -> None:
     class Broken:
-        def predict_face(self, image: Image.Image):
+        def predict_faces(self, faces: list[Image.Image]):
             raise RuntimeError("boom")
 
     monkeypatch.setenv("MODEL_URI", str(checkpoint_path))
     app = create_app()
     app.dependency_overrides[get_predictor] = Broken
     with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
-        r = post_image(client, gray_png())
+        r = post_image(client, gray_png(), detect=False)
     assert r.status_code == 500
     assert r.json() == {"detail": "internal error"}
     assert any(rec.exc_info and "boom" in str(rec.exc_info[1]) for rec in caplog.records)
@@ -508,6 +837,10 @@ def test_settings_defaults() -> None:
     assert settings.max_upload_bytes == 10 * 1024 * 1024
     assert settings.max_image_pixels == 40_000_000
     assert settings.resolved_torch_threads() == len(os.sched_getaffinity(0))
+    assert settings.max_batch_files == 16
+    assert settings.max_concurrent_inferences == 0
+    assert settings.resolved_max_concurrent_inferences() == len(os.sched_getaffinity(0))
+    assert settings.max_queue == 64
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -515,9 +848,13 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAX_UPLOAD_BYTES", "2048")
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "1000")
     monkeypatch.setenv("TORCH_THREADS", "3")
+    monkeypatch.setenv("MAX_BATCH_FILES", "4")
+    monkeypatch.setenv("MAX_CONCURRENT_INFERENCES", "2")
+    monkeypatch.setenv("MAX_QUEUE", "0")
     settings = load_settings()
     assert settings.model_uri == "gs://bucket/models"
     assert (settings.max_upload_bytes, settings.max_image_pixels, settings.resolved_torch_threads()) == (2048, 1000, 3)
+    assert (settings.max_batch_files, settings.resolved_max_concurrent_inferences(), settings.max_queue) == (4, 2, 0)
 
 
 def test_empty_model_uri_means_bundled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -532,6 +869,9 @@ def test_empty_model_uri_means_bundled(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MAX_UPLOAD_BYTES", "ten"),
         ("MAX_IMAGE_PIXELS", "-5"),
         ("TORCH_THREADS", "-1"),
+        ("MAX_BATCH_FILES", "0"),
+        ("MAX_CONCURRENT_INFERENCES", "-1"),
+        ("MAX_QUEUE", "-1"),
         ("MODEL_URI", "s3://bucket/model.pt"),
         ("MODEL_URI", "gs:///model.pt"),
     ],
@@ -569,7 +909,9 @@ def test_uvicorn_serves_predictions(checkpoint_path: Path, tmp_path: Path) -> No
                 pass
             assert time.monotonic() < deadline, "the server did not become ready in 90 s"
             time.sleep(0.2)
-        r = httpx.post(f"{base}/predict", files={"file": ("face.jpg", rgb_jpeg(), "image/jpeg")}, timeout=30)
+        r = httpx.post(
+            f"{base}/predict", files={"file": ("face.jpg", rgb_jpeg(), "image/jpeg")}, params={"detect": "false"}, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert_valid_scores(r.json()["faces"][0])
         assert httpx.post(f"{base}/predict", files={"file": ("e.png", b"", "image/png")}, timeout=30).status_code == 400

@@ -1,44 +1,103 @@
-"""Emotion prediction for an uploaded image."""
+"""Emotion prediction: the faces in an uploaded image, or in each of several."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, File, Query, UploadFile
+from PIL import Image
 
-from app.deps import PredictorDep, SettingsDep
-from app.errors import EmptyFile, PayloadTooLarge
+from app.deps import DetectorDep, LimiterDep, PredictorDep, SettingsDep
+from app.errors import EmptyFile, PayloadTooLarge, ServiceError, TooManyFiles
+from app.faces import Box, FaceDetector, crop_faces
 from app.images import decode_image
 from app.model import Predictor
-from app.schemas import ErrorBody, Face, ModelRef, PredictResponse
+from app.schemas import BatchResponse, ErrorBody, Face, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
 
 router = APIRouter(tags=["predict"])
 
 CHUNK_BYTES = 1 << 20
 
+FORMATS = "JPEG, PNG, GIF, BMP, TIFF, WebP or PPM"
+_BUSY = "model not loaded, or server busy (every inference slot taken and the queue full: retry after `Retry-After` seconds)"
 _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "empty file or corrupt image",
         413: "file or image too large",
         415: "unsupported image format",
-        503: "model not loaded",
+        503: _BUSY,
     }.items()
 }
+_BATCH_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        413: "too many files (over MAX_BATCH_FILES), or the request body too large",
+        503: _BUSY,
+    }.items()
+}
+
+DetectParam = Annotated[
+    bool,
+    Query(description="find the faces first (default); false: classify the whole image as one face crop"),
+]
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict(
-    file: Annotated[UploadFile, File(description="an image: JPEG, PNG, GIF, BMP, TIFF, WebP or PPM")],
+    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")],
     predictor: PredictorDep,
+    detector: DetectorDep,
+    limiter: LimiterDep,
     settings: SettingsDep,
+    detect: DetectParam = True,
 ) -> PredictResponse:
-    """Classify the facial expression in an image, taken whole as one face crop."""
+    """Find the faces in an image and classify the facial expression of each.
+
+    Faces are found with a frontal-face detector (upright faces looking roughly at the camera;
+    profiles and strongly tilted heads are missed). Each face is cropped with a small margin
+    and classified; `box` is the detected face, and faces are listed left to right. **An image in which no face is found is
+    answered 200 with `"faces": []`.**
+
+    With `detect=false` the whole image is classified as one face crop, for images that are
+    face crops already; its `box` is then the whole image.
+    """
+    limiter.raise_if_full()
     data = await read_upload(file, settings.max_upload_bytes)
-    # Decoding and inference are CPU-bound: off the event loop.
-    faces = await run_in_threadpool(classify_image, predictor, data, settings.max_image_pixels)
+    faces = await limiter.run(classify_image, predictor, detector if detect else None, data, settings.max_image_pixels)
     return PredictResponse(faces=faces, model=ModelRef.from_info(predictor.info))
+
+
+@router.post("/predict/batch", response_model=BatchResponse, responses=_BATCH_ERRORS)
+async def predict_batch(
+    files: Annotated[list[UploadFile], File(description=f"images: {FORMATS}; at most MAX_BATCH_FILES (default 16)")],
+    predictor: PredictorDep,
+    detector: DetectorDep,
+    limiter: LimiterDep,
+    settings: SettingsDep,
+    detect: DetectParam = True,
+) -> BatchResponse:
+    """Find and classify the faces in each of several images: one result per file, in upload order.
+
+    A file that cannot be used (empty, too large, corrupt, not an image) does not fail the
+    request: its result carries `error` with the status and detail `POST /predict` would
+    have answered, and the other files are still classified. Too many files is a 413
+    (`"too many files"`) for the whole request. The batch takes one inference slot, and all
+    its faces are classified in one forward pass. `detect` works as for `POST /predict`.
+    """
+    if len(files) > settings.max_batch_files:
+        raise TooManyFiles()
+    limiter.raise_if_full()
+    uploads = [await read_upload_or_error(file, settings.max_upload_bytes) for file in files]
+    outcomes = await limiter.run(classify_uploads, predictor, detector if detect else None, uploads, settings.max_image_pixels)
+    results: list[FileFaces | FileFailure] = [
+        FileFailure(filename=file.filename, error=FileError(status=outcome.status_code, detail=outcome.detail))
+        if isinstance(outcome, ServiceError)
+        else FileFaces(filename=file.filename, faces=outcome)
+        for file, outcome in zip(files, outcomes, strict=True)
+    ]
+    return BatchResponse(results=results, model=ModelRef.from_info(predictor.info))
 
 
 async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
@@ -55,9 +114,48 @@ async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
     return bytes(data)
 
 
-def classify_image(predictor: Predictor, data: bytes, max_pixels: int) -> list[Face]:
-    """Decode, then classify the whole image as one face (face detection will slot in here)."""
-    image = decode_image(data, max_pixels)
-    width, height = image.size
-    prediction = predictor.predict_face(image)
-    return [Face(box=(0, 0, width, height), **prediction)]
+async def read_upload_or_error(file: UploadFile, max_bytes: int) -> bytes | ServiceError:
+    """:func:`read_upload`, with the client's mistake returned rather than raised."""
+    try:
+        return await read_upload(file, max_bytes)
+    except ServiceError as exc:
+        return exc
+
+
+def classify_image(predictor: Predictor, detector: FaceDetector | None, data: bytes, max_pixels: int) -> list[Face]:
+    """Decode, find the faces (or take the whole image when ``detector`` is None), classify them."""
+    boxes, crops = locate_faces(decode_image(data, max_pixels), detector)
+    predictions = predictor.predict_faces(crops) if crops else []
+    return [Face(box=box, **prediction) for box, prediction in zip(boxes, predictions, strict=True)]
+
+
+def classify_uploads(
+    predictor: Predictor, detector: FaceDetector | None, uploads: Sequence[bytes | ServiceError], max_pixels: int
+) -> list[list[Face] | ServiceError]:
+    """:func:`classify_image` for each upload, with the faces of all of them in one forward pass.
+
+    An upload that is already an error, or fails to decode, stays an error in its place.
+    """
+    located: list[tuple[list[Box], list[Image.Image]] | ServiceError] = []
+    for upload in uploads:
+        if isinstance(upload, ServiceError):
+            located.append(upload)
+            continue
+        try:
+            located.append(locate_faces(decode_image(upload, max_pixels), detector))
+        except ServiceError as exc:
+            located.append(exc)
+    crops = [crop for item in located if not isinstance(item, ServiceError) for crop in item[1]]
+    predictions = iter(predictor.predict_faces(crops) if crops else [])
+    return [
+        item if isinstance(item, ServiceError) else [Face(box=box, **next(predictions)) for box in item[0]] for item in located
+    ]
+
+
+def locate_faces(image: Image.Image, detector: FaceDetector | None) -> tuple[list[Box], list[Image.Image]]:
+    """The face boxes in ``image`` and the crops to classify; without a detector, the whole image."""
+    if detector is None:
+        width, height = image.size
+        return [(0, 0, width, height)], [image]
+    boxes = detector.detect(image)
+    return boxes, crop_faces(image, boxes)
