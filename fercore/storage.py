@@ -86,7 +86,7 @@ def upload_file(src: str | Path, uri: str | Path) -> None:
     if is_gcs(uri):
         bucket, name = split_gcs(str(uri))
         gcs_client().bucket(bucket).blob(name).upload_from_filename(str(src))
-    else:
+    elif Path(src).resolve() != Path(uri).resolve():  # a local run publishes in place
         write_bytes(uri, Path(src).read_bytes())
 
 
