@@ -6,17 +6,25 @@ would grow with the backlog, and latency would climb for everyone. Instead at mo
 ``max_running`` calls run at once, up to ``max_waiting`` more wait their turn (first come,
 first served), and any beyond that get :class:`~app.errors.ServerBusy` (503 with
 ``Retry-After``) at once, so a load balancer or client can retry elsewhere or later.
+
+The call runs in a copy of the caller's context (``contextvars``), so the request's trace
+span is the parent of the spans made in the worker thread. Time spent waiting for a slot and
+time holding one go to the app's metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import ServerBusy
+from app.metrics import Metrics
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,13 +38,14 @@ class InferenceLimiter:
     and its update.
     """
 
-    def __init__(self, max_running: int, max_waiting: int) -> None:
+    def __init__(self, max_running: int, max_waiting: int, metrics: Metrics | None = None) -> None:
         if max_running < 1 or max_waiting < 0:
             raise ValueError(f"need max_running >= 1 and max_waiting >= 0, got {max_running} and {max_waiting}")
         self.max_running = max_running
         self.max_waiting = max_waiting
         self._slots = asyncio.Semaphore(max_running)
         self._admitted = 0  # running + waiting
+        self.metrics = metrics
 
     @property
     def admitted(self) -> int:
@@ -54,10 +63,18 @@ class InferenceLimiter:
         the queue is full."""
         self.raise_if_full()
         self._admitted += 1
+        context = contextvars.copy_context()  # the trace context, explicitly, whatever the threadpool does
+        queued = time.perf_counter()
         try:
             async with self._slots:
-                # Not abandoned on cancellation (anyio's default): a client that disconnects
-                # keeps its slot until the thread is done, so the bound holds for real work.
-                return await run_in_threadpool(func, *args, **kwargs)
+                started = time.perf_counter()
+                try:
+                    # Not abandoned on cancellation (anyio's default): a client that disconnects
+                    # keeps its slot until the thread is done, so the bound holds for real work.
+                    return await run_in_threadpool(functools.partial(context.run, func, *args, **kwargs))
+                finally:
+                    if self.metrics is not None:
+                        self.metrics.queue_wait.observe(started - queued)
+                        self.metrics.inference_duration.observe(time.perf_counter() - started)
         finally:
             self._admitted -= 1

@@ -7,6 +7,11 @@ ERROR, ``/healthz`` stays 200 and ``/readyz`` answers 503, so the instance never
 traffic and the reason stays visible in its logs. The face detector ships inside the opencv
 package, so failing to load it is a broken install and does stop startup.
 
+Observability: Prometheus metrics at ``/metrics`` (:mod:`app.metrics`), one JSON access-log line
+per request (:mod:`app.access`, :mod:`app.logs`), and OpenTelemetry traces when the ``OTEL_*``
+variables ask for them (:mod:`app.tracing`). Metrics and the tracer provider belong to the app,
+not the process.
+
 ``/docs`` (Swagger UI) and ``/redoc`` are served from assets installed with the
 ``fastapi-offline`` package, not from a CDN: they work where the service has no internet.
 """
@@ -20,50 +25,66 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from opentelemetry.trace import Tracer
 from starlette.concurrency import run_in_threadpool
 
 from app import routes
+from app.access import RequestTelemetry
 from app.concurrency import InferenceLimiter
 from app.errors import install_error_handlers
 from app.faces import CASCADE_PATH, FaceDetector, configure_opencv
 from app.images import configure_pillow
 from app.limits import MULTIPART_OVERHEAD, BodySizeLimit
 from app.logs import configure_logging
+from app.metrics import Metrics
 from app.model import ModelLoadError, Predictor
 from app.settings import Settings, load_settings
+from app.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 
-def load_predictor(uri: str) -> Predictor:
+VERSION = "0.1.0"
+
+
+def load_predictor(uri: str, tracer: Tracer) -> Predictor:
     predictor = Predictor.from_uri(uri)
     predictor.warm_up()
+    predictor.tracer = tracer  # after the warm-up: its inference is no request's
     return predictor
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    tracing: Tracing = app.state.tracing
     threads = settings.resolved_torch_threads()
     torch.set_num_threads(threads)
     configure_opencv(threads)
     configure_pillow(settings.max_image_pixels)
     slots = settings.resolved_max_concurrent_inferences()
-    app.state.limiter = InferenceLimiter(slots, settings.max_queue)
+    app.state.limiter = InferenceLimiter(slots, settings.max_queue, metrics)
     app.state.detector = await run_in_threadpool(FaceDetector, CASCADE_PATH, slots)  # one cascade per slot
     uri = settings.resolved_model_uri()
     try:
-        predictor = await run_in_threadpool(load_predictor, uri)
+        predictor = await run_in_threadpool(load_predictor, uri, tracing.tracer)
     except ModelLoadError as exc:
+        metrics.model_load_failed()
         log.error("model not loaded, the service will not become ready: %s", exc)
     else:
         app.state.predictor = predictor
+        metrics.model_loaded(predictor.info)
         info = predictor.info
         log.info("serving model %s (%s, sha256 %s) from %s", info.version, info.architecture, info.sha256, info.source)
-    yield
-    app.state.predictor = None
-    app.state.detector = None
-    app.state.limiter = None
+    tracing.start()
+    try:
+        yield
+    finally:
+        app.state.predictor = None
+        app.state.detector = None
+        app.state.limiter = None
+        tracing.shutdown()  # sends the spans still buffered
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     app = FastAPIOffline(
         title="FER2013 facial expression service",
-        version="0.1.0",
+        version=VERSION,
         description="Finds the faces in an image and classifies the expression of each into one of the seven FER2013 emotions.",
         lifespan=lifespan,
         # Else Swagger UI, served from any host but localhost, shows a badge from validator.swagger.io.
@@ -81,14 +102,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.predictor = None
     app.state.detector = None
     app.state.limiter = None
+    app.state.metrics = metrics = Metrics()
+    app.state.tracing = tracing = Tracing(settings, service_version=VERSION)
     per_file = settings.max_upload_bytes + MULTIPART_OVERHEAD
     app.add_middleware(
         BodySizeLimit, max_body_bytes=per_file, path_limits={"/predict/batch": settings.max_batch_files * per_file}
     )
+    app.add_middleware(RequestTelemetry, metrics=metrics)  # added last: outside the body limit, sees its 413s
     install_error_handlers(app)
     app.include_router(routes.health.router)
     app.include_router(routes.model.router)
     app.include_router(routes.predict.router)
+    app.include_router(routes.metrics.router)
+    tracing.instrument(app)  # around the whole stack: the request span is current in every middleware
     return app
 
 

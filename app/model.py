@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
+from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
 from torch import nn
 
@@ -65,6 +66,8 @@ class Predictor:
         self.info = info
         self.spec = checkpoint.preprocessing
         self.classes = checkpoint.classes
+        # Traces preprocess and inference; the app sets its own once the model is warmed up.
+        self.tracer: Tracer = NoOpTracer()
 
     @classmethod
     def from_uri(cls, uri: str) -> Predictor:
@@ -131,9 +134,10 @@ class Predictor:
         """Classify a batch of face crops in one forward pass."""
         if not faces:
             return []
-        crops = np.stack([prepare_face(face, self.spec) for face in faces])  # uint8 (N, S, S)
-        x = normalize(torch.from_numpy(crops), self.spec).contiguous(memory_format=torch.channels_last)  # (N, 1, S, S)
-        with torch.inference_mode():
+        with self.tracer.start_as_current_span("preprocess", attributes={"fer.faces": len(faces)}):
+            crops = np.stack([prepare_face(face, self.spec) for face in faces])  # uint8 (N, S, S)
+            x = normalize(torch.from_numpy(crops), self.spec).contiguous(memory_format=torch.channels_last)  # (N, 1, S, S)
+        with self.tracer.start_as_current_span("inference", attributes={"fer.batch_size": len(faces)}), torch.inference_mode():
             logits = self.model(x)  # (N, num_classes)
             if logits.shape != (len(faces), len(self.classes)):
                 raise ValueError(f"model output shape {tuple(logits.shape)} does not fit {len(self.classes)} classes")

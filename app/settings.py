@@ -18,6 +18,11 @@ import app
 BUNDLED_MODEL = Path(app.__file__).resolve().parent.parent / "models" / "fer-compact.pt"
 
 
+# Values of OTEL_TRACES_EXPORTER the service understands (app.tracing builds them).
+TRACE_EXPORTERS = ("otlp", "gcp_trace", "console", "none")
+OTLP_PROTOCOL = "http/protobuf"
+
+
 class ConfigError(ValueError):
     """An environment variable has a value the service cannot run with."""
 
@@ -25,7 +30,7 @@ class ConfigError(ValueError):
 class Settings(BaseSettings):
     """Read from the environment (no prefix, case-insensitive): ``MODEL_URI``, ``MAX_UPLOAD_BYTES``,
     ``MAX_IMAGE_PIXELS``, ``TORCH_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
-    ``MAX_QUEUE``."""
+    ``MAX_QUEUE``, and the ``OTEL_*`` variables that turn tracing on (see :mod:`app.tracing`)."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, env_ignore_empty=True, extra="ignore")
 
@@ -45,6 +50,21 @@ class Settings(BaseSettings):
     # Requests allowed to wait for an inference slot; beyond that they get 503 at once.
     max_queue: int = Field(default=64, ge=0, le=100_000)
 
+    # Tracing (app.tracing): the standard OpenTelemetry variables. Only those that decide whether
+    # and where spans go are read here, to be checked at startup; the SDK reads the rest itself
+    # (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER...).
+    # Comma-separated exporters: otlp, gcp_trace, console, none. Unset: otlp if an OTLP endpoint
+    # is set, else none (tracing off).
+    otel_traces_exporter: str | None = None
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    # OTLP is sent over HTTP with protobuf bodies, the only protocol the service ships.
+    otel_exporter_otlp_protocol: str | None = None
+    otel_exporter_otlp_traces_protocol: str | None = None
+    otel_sdk_disabled: bool = False
+    # The Google Cloud project for Cloud Trace (gcp_trace); unset: the credentials' project.
+    google_cloud_project: str | None = None
+
     @field_validator("model_uri")
     @classmethod
     def _check_model_uri(cls, value: str | None) -> str | None:
@@ -59,6 +79,24 @@ class Settings(BaseSettings):
             raise ValueError("gs:// URI has no bucket")
         return value
 
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _check_traces_exporter(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in TRACE_EXPORTERS]
+        if unknown:
+            raise ValueError(f"unknown exporter {', '.join(unknown)}; choose from {', '.join(TRACE_EXPORTERS)}")
+        return ",".join(names) or None
+
+    @field_validator("otel_exporter_otlp_protocol", "otel_exporter_otlp_traces_protocol")
+    @classmethod
+    def _check_otlp_protocol(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() not in ("", OTLP_PROTOCOL):
+            raise ValueError(f"only {OTLP_PROTOCOL} is supported (OTLP over HTTP)")
+        return value
+
     def resolved_model_uri(self) -> str:
         """``MODEL_URI``, or the bundled model's path when it is unset."""
         return self.model_uri or str(BUNDLED_MODEL)
@@ -68,6 +106,14 @@ class Settings(BaseSettings):
 
     def resolved_max_concurrent_inferences(self) -> int:
         return self.max_concurrent_inferences or available_cpus()
+
+    def resolved_trace_exporters(self) -> tuple[str, ...]:
+        """Where spans are sent; empty when tracing is off, the default when no variable asks for it."""
+        if self.otel_sdk_disabled:
+            return ()
+        if self.otel_traces_exporter is None:
+            return ("otlp",) if self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint else ()
+        return tuple(name for name in self.otel_traces_exporter.split(",") if name != "none")
 
 
 def available_cpus() -> int:

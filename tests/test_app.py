@@ -5,7 +5,6 @@ for face detection are the public-domain ones scikit-image ships."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -16,15 +15,13 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -37,23 +34,22 @@ from app.main import create_app
 from app.model import ModelLoadError, Predictor
 from app.routes import predict as predict_routes
 from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
-from fercore.checkpoint import make_checkpoint, save_checkpoint
 from fercore.labels import CLASS_NAMES
-from fercore.models import ModelConfig, create_model
 from fercore.storage import LATEST, publish_run, sha256_file
 from tests.conftest import free_port
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
+from tests.utils.service import (
+    clean_service_env,
+    encode,
+    face_pixels,
+    gray_png,
+    post_batch,
+    post_image,
+    running_app,
+    write_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_ENV = (
-    "MODEL_URI",
-    "MAX_UPLOAD_BYTES",
-    "MAX_IMAGE_PIXELS",
-    "TORCH_THREADS",
-    "MAX_BATCH_FILES",
-    "MAX_CONCURRENT_INFERENCES",
-    "MAX_QUEUE",
-)
 
 
 # --- fixtures and helpers ---------------------------------------------------------------
@@ -61,19 +57,7 @@ SETTINGS_ENV = (
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets reaches the app; Pillow's global limit is restored afterwards."""
-    for name in SETTINGS_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TORCH_THREADS", "1")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-
-
-def write_checkpoint(path: Path, run_id: str = "test-run", seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = create_model("compact", width=4)
-    ckpt = make_checkpoint(model, ModelConfig("compact", {"width": 4}), run_id=run_id, metrics={"val_accuracy": 0.5})
-    save_checkpoint(ckpt, path, with_training_state=False)
-    return path
+    clean_service_env(monkeypatch)
 
 
 @pytest.fixture
@@ -81,42 +65,10 @@ def checkpoint_path(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "model.pt")
 
 
-@contextmanager
-def running_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestClient]:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with TestClient(create_app()) as client:
-        yield client
-
-
 @pytest.fixture
 def client(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> Iterator[TestClient]:
     with running_app(monkeypatch, MODEL_URI=str(checkpoint_path)) as c:
         yield c
-
-
-def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **params)
-    return buf.getvalue()
-
-
-def face_pixels(width: int = 64, height: int = 48) -> np.ndarray:
-    """A uint8 gradient with a bright block: not constant, so equalisation has work to do."""
-    ys, xs = np.mgrid[0:height, 0:width]
-    img = ((xs * 3 + ys * 2) % 200).astype(np.uint8)
-    img[height // 4 : height // 2, width // 4 : width // 2] = 250
-    return img
-
-
-def post_image(client: TestClient, data: bytes, name: str = "face.png", detect: bool | None = None) -> httpx.Response:
-    """``POST /predict``; ``detect`` is sent only when given (the server's default is true)."""
-    params = {} if detect is None else {"detect": str(detect).lower()}
-    return client.post("/predict", files={"file": (name, data, "application/octet-stream")}, params=params)
-
-
-def gray_png() -> bytes:
-    return encode(Image.fromarray(face_pixels(), mode="L"), "PNG")
 
 
 def rgb_png() -> bytes:
@@ -173,12 +125,6 @@ def assert_valid_scores(face: dict) -> None:
     assert all(0.0 <= p <= 1.0 for p in scores.values())
     assert face["emotion"] == max(scores, key=scores.__getitem__)
     assert face["confidence"] == pytest.approx(max(scores.values()))
-
-
-def post_batch(client: TestClient, files: Sequence[tuple[str, bytes]], detect: bool | None = None) -> httpx.Response:
-    params = {} if detect is None else {"detect": str(detect).lower()}
-    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
-    return client.post("/predict/batch", files=parts, params=params)
 
 
 # --- probes and model info --------------------------------------------------------------

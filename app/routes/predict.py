@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
+from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
 
-from app.deps import DetectorDep, LimiterDep, PredictorDep, SettingsDep
+from app.deps import DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
 from app.errors import EmptyFile, PayloadTooLarge, ServiceError, TooManyFiles
 from app.faces import Box, FaceDetector, crop_faces
 from app.images import decode_image
@@ -18,6 +19,7 @@ from app.schemas import BatchResponse, ErrorBody, Face, FileError, FileFaces, Fi
 router = APIRouter(tags=["predict"])
 
 CHUNK_BYTES = 1 << 20
+NO_TRACER = NoOpTracer()
 
 FORMATS = "JPEG, PNG, GIF, BMP, TIFF, WebP or PPM"
 _BUSY = "model not loaded, or server busy (every inference slot taken and the queue full: retry after `Retry-After` seconds)"
@@ -51,6 +53,8 @@ async def predict(
     detector: DetectorDep,
     limiter: LimiterDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
+    tracer: TracerDep,
     detect: DetectParam = True,
 ) -> PredictResponse:
     """Find the faces in an image and classify the facial expression of each.
@@ -65,7 +69,8 @@ async def predict(
     """
     limiter.raise_if_full()
     data = await read_upload(file, settings.max_upload_bytes)
-    faces = await limiter.run(classify_image, predictor, detector if detect else None, data, settings.max_image_pixels)
+    faces = await limiter.run(classify_image, predictor, detector if detect else None, data, settings.max_image_pixels, tracer)
+    metrics.observe_images([[face.emotion for face in faces]])
     return PredictResponse(faces=faces, model=ModelRef.from_info(predictor.info))
 
 
@@ -76,6 +81,8 @@ async def predict_batch(
     detector: DetectorDep,
     limiter: LimiterDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
+    tracer: TracerDep,
     detect: DetectParam = True,
 ) -> BatchResponse:
     """Find and classify the faces in each of several images: one result per file, in upload order.
@@ -90,7 +97,10 @@ async def predict_batch(
         raise TooManyFiles()
     limiter.raise_if_full()
     uploads = [await read_upload_or_error(file, settings.max_upload_bytes) for file in files]
-    outcomes = await limiter.run(classify_uploads, predictor, detector if detect else None, uploads, settings.max_image_pixels)
+    outcomes = await limiter.run(
+        classify_uploads, predictor, detector if detect else None, uploads, settings.max_image_pixels, tracer
+    )
+    metrics.observe_images([[face.emotion for face in outcome] for outcome in outcomes if not isinstance(outcome, ServiceError)])
     results: list[FileFaces | FileFailure] = [
         FileFailure(filename=file.filename, error=FileError(status=outcome.status_code, detail=outcome.detail))
         if isinstance(outcome, ServiceError)
@@ -122,15 +132,21 @@ async def read_upload_or_error(file: UploadFile, max_bytes: int) -> bytes | Serv
         return exc
 
 
-def classify_image(predictor: Predictor, detector: FaceDetector | None, data: bytes, max_pixels: int) -> list[Face]:
+def classify_image(
+    predictor: Predictor, detector: FaceDetector | None, data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER
+) -> list[Face]:
     """Decode, find the faces (or take the whole image when ``detector`` is None), classify them."""
-    boxes, crops = locate_faces(decode_image(data, max_pixels), detector)
+    boxes, crops = locate_faces(decode(data, max_pixels, tracer), detector, tracer)
     predictions = predictor.predict_faces(crops) if crops else []
     return [Face(box=box, **prediction) for box, prediction in zip(boxes, predictions, strict=True)]
 
 
 def classify_uploads(
-    predictor: Predictor, detector: FaceDetector | None, uploads: Sequence[bytes | ServiceError], max_pixels: int
+    predictor: Predictor,
+    detector: FaceDetector | None,
+    uploads: Sequence[bytes | ServiceError],
+    max_pixels: int,
+    tracer: Tracer = NO_TRACER,
 ) -> list[list[Face] | ServiceError]:
     """:func:`classify_image` for each upload, with the faces of all of them in one forward pass.
 
@@ -142,7 +158,7 @@ def classify_uploads(
             located.append(upload)
             continue
         try:
-            located.append(locate_faces(decode_image(upload, max_pixels), detector))
+            located.append(locate_faces(decode(upload, max_pixels, tracer), detector, tracer))
         except ServiceError as exc:
             located.append(exc)
     crops = [crop for item in located if not isinstance(item, ServiceError) for crop in item[1]]
@@ -152,10 +168,23 @@ def classify_uploads(
     ]
 
 
-def locate_faces(image: Image.Image, detector: FaceDetector | None) -> tuple[list[Box], list[Image.Image]]:
+def decode(data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER) -> Image.Image:
+    """:func:`~app.images.decode_image` in a ``decode`` span (a rejected file ends it in error)."""
+    with tracer.start_as_current_span("decode", attributes={"fer.bytes": len(data)}) as span:
+        image = decode_image(data, max_pixels)
+        span.set_attribute("fer.image.width", image.width)
+        span.set_attribute("fer.image.height", image.height)
+        return image
+
+
+def locate_faces(
+    image: Image.Image, detector: FaceDetector | None, tracer: Tracer = NO_TRACER
+) -> tuple[list[Box], list[Image.Image]]:
     """The face boxes in ``image`` and the crops to classify; without a detector, the whole image."""
     if detector is None:
         width, height = image.size
         return [(0, 0, width, height)], [image]
-    boxes = detector.detect(image)
+    with tracer.start_as_current_span("detect_faces") as span:
+        boxes = detector.detect(image)
+        span.set_attribute("fer.faces", len(boxes))
     return boxes, crop_faces(image, boxes)

@@ -1,0 +1,97 @@
+"""Helpers for tests of the service (app/): a tiny real checkpoint, the app run under
+``TestClient`` with a given environment, images made in code, and the upload calls."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from fercore.checkpoint import make_checkpoint, save_checkpoint
+from fercore.models import ModelConfig, create_model
+
+# The variables app.settings reads that a developer's shell might have set.
+SETTINGS_ENV = (
+    "MODEL_URI",
+    "MAX_UPLOAD_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "TORCH_THREADS",
+    "MAX_BATCH_FILES",
+    "MAX_CONCURRENT_INFERENCES",
+    "MAX_QUEUE",
+)
+
+
+def clean_service_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets reaches the app (no tracing unless asked for); Pillow's global limit
+    is restored afterwards."""
+    for name in SETTINGS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TORCH_THREADS", "1")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
+def write_checkpoint(path: Path, run_id: str = "test-run", seed: int = 0) -> Path:
+    """A tiny real checkpoint (compact, width 4) at ``path``."""
+    torch.manual_seed(seed)
+    model = create_model("compact", width=4)
+    ckpt = make_checkpoint(model, ModelConfig("compact", {"width": 4}), run_id=run_id, metrics={"val_accuracy": 0.5})
+    save_checkpoint(ckpt, path, with_training_state=False)
+    return path
+
+
+@contextmanager
+def running_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestClient]:
+    """A new app, created with ``env`` set, its lifespan running for the ``with`` block."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with TestClient(create_app()) as client:
+        yield client
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def face_pixels(width: int = 64, height: int = 48) -> np.ndarray:
+    """A uint8 gradient with a bright block: not constant, so equalisation has work to do."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    img = ((xs * 3 + ys * 2) % 200).astype(np.uint8)
+    img[height // 4 : height // 2, width // 4 : width // 2] = 250
+    return img
+
+
+def gray_png() -> bytes:
+    return encode(Image.fromarray(face_pixels(), mode="L"), "PNG")
+
+
+def post_image(
+    client: TestClient,
+    data: bytes,
+    name: str = "face.png",
+    detect: bool | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """``POST /predict``; ``detect`` is sent only when given (the server's default is true)."""
+    params = {} if detect is None else {"detect": str(detect).lower()}
+    return client.post("/predict", files={"file": (name, data, "application/octet-stream")}, params=params, headers=headers)
+
+
+def post_batch(client: TestClient, files: Sequence[tuple[str, bytes]], detect: bool | None = None) -> httpx.Response:
+    params = {} if detect is None else {"detect": str(detect).lower()}
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return client.post("/predict/batch", files=parts, params=params)
