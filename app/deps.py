@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry.trace import Tracer
 
 from app.concurrency import InferenceLimiter
-from app.errors import ModelNotReady
+from app.errors import AdminDisabled, ModelNotReady, NotAuthenticated
 from app.faces import FaceDetector
+from app.loader import ModelLoader
 from app.metrics import Metrics
 from app.model import Predictor
 from app.settings import Settings
@@ -25,6 +28,29 @@ def get_predictor(request: Request) -> Predictor:
     if predictor is None:
         raise ModelNotReady()
     return predictor
+
+
+def get_loader(request: Request) -> ModelLoader:
+    loader: ModelLoader | None = request.app.state.loader
+    if loader is None:  # only before the lifespan has run
+        raise ModelNotReady()
+    return loader
+
+
+# auto_error=False: a missing or non-Bearer header comes in as None and is answered 401 below,
+# with the WWW-Authenticate header, rather than FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN")
+
+
+def require_admin(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """The request carries ``Authorization: Bearer <ADMIN_TOKEN>``; 404 when no token is configured."""
+    settings: Settings = request.app.state.settings
+    if settings.admin_token is None:
+        raise AdminDisabled()
+    expected = settings.admin_token.get_secret_value().encode()
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not hmac.compare_digest(given, expected):  # constant time: the token cannot be guessed byte by byte
+        raise NotAuthenticated()
 
 
 def get_detector(request: Request) -> FaceDetector:
@@ -54,6 +80,8 @@ def get_tracer(request: Request) -> Tracer:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+LoaderDep = Annotated[ModelLoader, Depends(get_loader)]
+AdminDep = Depends(require_admin)
 DetectorDep = Annotated[FaceDetector, Depends(get_detector)]
 LimiterDep = Annotated[InferenceLimiter, Depends(get_limiter)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

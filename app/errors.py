@@ -55,6 +55,21 @@ class UnsupportedImage(ServiceError):
     status, message = 415, "unsupported image format"
 
 
+class NotAuthenticated(ServiceError):
+    """A missing or wrong bearer token on an admin endpoint."""
+
+    status, message = 401, "invalid or missing bearer token"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": "Bearer"})
+
+
+class AdminDisabled(ServiceError):
+    """An admin endpoint while ADMIN_TOKEN is unset: answered as if it did not exist."""
+
+    status, message = 404, "Not Found"
+
+
 class ModelNotReady(ServiceError):
     status, message = 503, "model not loaded"
 

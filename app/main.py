@@ -4,7 +4,9 @@ Settings are read when the app is created (an invalid value stops startup with a
 :class:`~app.settings.ConfigError`); the model is loaded in the lifespan, before the first
 request. A model that cannot be loaded does not crash the process: the reason is logged at
 ERROR, ``/healthz`` stays 200 and ``/readyz`` answers 503, so the instance never receives
-traffic and the reason stays visible in its logs. The face detector ships inside the opencv
+traffic and the reason stays visible in its logs (unless ``FALLBACK_TO_BUNDLED`` asks for the
+bundled model instead). Transient GCS failures are retried first, and the model can be replaced
+while serving: see :mod:`app.loader`. The face detector ships inside the opencv
 package, so failing to load it is a broken install and does stop startup.
 
 Observability: Prometheus metrics at ``/metrics`` (:mod:`app.metrics`), one JSON access-log line
@@ -18,14 +20,12 @@ not the process.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from opentelemetry.trace import Tracer
 from starlette.concurrency import run_in_threadpool
 
 from app import routes
@@ -35,23 +35,13 @@ from app.errors import install_error_handlers
 from app.faces import CASCADE_PATH, FaceDetector, configure_opencv
 from app.images import configure_pillow
 from app.limits import MULTIPART_OVERHEAD, BodySizeLimit
+from app.loader import ModelLoader
 from app.logs import configure_logging
 from app.metrics import Metrics
-from app.model import ModelLoadError, Predictor
 from app.settings import Settings, load_settings
 from app.tracing import Tracing
 
-log = logging.getLogger(__name__)
-
-
 VERSION = "0.1.0"
-
-
-def load_predictor(uri: str, tracer: Tracer) -> Predictor:
-    predictor = Predictor.from_uri(uri)
-    predictor.warm_up()
-    predictor.tracer = tracer  # after the warm-up: its inference is no request's
-    return predictor
 
 
 @asynccontextmanager
@@ -66,21 +56,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     slots = settings.resolved_max_concurrent_inferences()
     app.state.limiter = InferenceLimiter(slots, settings.max_queue, metrics)
     app.state.detector = await run_in_threadpool(FaceDetector, CASCADE_PATH, slots)  # one cascade per slot
-    uri = settings.resolved_model_uri()
-    try:
-        predictor = await run_in_threadpool(load_predictor, uri, tracing.tracer)
-    except ModelLoadError as exc:
-        metrics.model_load_failed()
-        log.error("model not loaded, the service will not become ready: %s", exc)
-    else:
-        app.state.predictor = predictor
-        metrics.model_loaded(predictor.info)
-        info = predictor.info
-        log.info("serving model %s (%s, sha256 %s) from %s", info.version, info.architecture, info.sha256, info.source)
+    # Created here, not in create_app: its lock and task belong to this event loop.
+    app.state.loader = loader = ModelLoader(app.state, settings, metrics, tracing.tracer)
+    await loader.load_at_startup()
     tracing.start()
+    loader.start()  # periodic reload checks, if RELOAD_INTERVAL_S asks for them
     try:
         yield
     finally:
+        await loader.stop()
+        app.state.loader = None
         app.state.predictor = None
         app.state.detector = None
         app.state.limiter = None
@@ -100,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.predictor = None
+    app.state.loader = None
     app.state.detector = None
     app.state.limiter = None
     app.state.metrics = metrics = Metrics()
@@ -114,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.model.router)
     app.include_router(routes.predict.router)
     app.include_router(routes.metrics.router)
+    if settings.admin_token is not None:  # no token, no admin endpoint: a 404, and absent from /docs
+        app.include_router(routes.admin.router)
     tracing.instrument(app)  # around the whole stack: the request span is current in every middleware
     return app
 

@@ -93,6 +93,11 @@ class Metrics:
         )
         for result in ("success", "failure"):  # both series exist from the start, at 0
             self.model_loads.labels(result)
+        self.model_load_retries = Counter(
+            "model_load_retries",
+            "Model load attempts that failed for a transient reason (GCS unreachable or slow, a 5xx) and were retried.",
+            **common,
+        )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in HTTP_METHODS else "other"
@@ -119,4 +124,8 @@ class Metrics:
             self.predictions.labels(emotion)
 
     def model_load_failed(self) -> None:
+        """A load gave up (after its retries, if any): at startup, or a reload that keeps the old model."""
         self.model_loads.labels("failure").inc()
+
+    def model_load_retried(self) -> None:
+        self.model_load_retries.inc()

@@ -31,7 +31,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ModelLoadError(RuntimeError):
-    """The model at MODEL_URI cannot be served; the message says which file and why."""
+    """The model at MODEL_URI cannot be served; the message says which file and why.
+
+    ``transient``: trying again may succeed (GCS unreachable, a timeout, a 5xx). A corrupt or
+    mismatching model is not transient: loading it again would refuse it again.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class Prediction(TypedDict):
@@ -55,6 +63,13 @@ class ModelInfo:
     created_at: str = ""
     code_version: str = ""
     loaded_at: str = ""
+    # Served in place of MODEL_URI's model, which failed to load for ``fallback_error``
+    # (FALLBACK_TO_BUNDLED); empty when MODEL_URI's model is served.
+    fallback_error: str = ""
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.fallback_error)
 
 
 class Predictor:
@@ -70,13 +85,15 @@ class Predictor:
         self.tracer: Tracer = NoOpTracer()
 
     @classmethod
-    def from_uri(cls, uri: str) -> Predictor:
+    def from_uri(cls, uri: str, timeout: float | None = None) -> Predictor:
         """Load from a checkpoint file, a folder holding ``latest.json``, or their gs:// forms.
 
         A model found through ``latest.json`` is refused unless its sha256 matches the pointer.
+        ``timeout``: seconds for each request to GCS, which makes one try (the caller retries
+        on a transient :class:`ModelLoadError`); None: the client's own timeouts and retries.
         """
         if storage.is_gcs(uri):
-            path, run_id, sha256 = _fetch_gcs(uri)
+            path, run_id, sha256 = _fetch_gcs(uri, timeout)
             return cls.from_file(path, source=uri, sha256=sha256, run_id=run_id)
         local = Path(uri).expanduser()
         if local.is_dir():
@@ -169,13 +186,39 @@ def _resolve_latest(folder: Path) -> tuple[Path, storage.LatestPointer]:
     return path, pointer
 
 
-def _fetch_gcs(uri: str) -> tuple[Path, str, str]:
+def source_sha256(uri: str, timeout: float | None = None) -> str | None:
+    """The sha256 of the model ``uri`` names right now, where that is known without fetching the
+    model: the one in ``latest.json`` (folder or gs:// prefix), or a local file's own. None for
+    a gs:// file (only a download tells) or a path that does not exist (loading it will say why).
+    """
+    if storage.is_gcs(uri):
+        if uri.endswith(".pt"):
+            return None
+        try:
+            return storage.read_latest(uri, timeout=timeout).sha256
+        except Exception as exc:  # see _fetch_gcs
+            raise ModelLoadError(
+                f"{storage.join(uri, storage.LATEST)}: cannot read it ({type(exc).__name__}: {exc})",
+                transient=storage.is_transient(exc),
+            ) from None
+    local = Path(uri).expanduser()
+    if local.is_dir():
+        try:
+            return storage.read_latest(local).sha256
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{local / storage.LATEST}: unreadable ({exc})") from None
+    if local.is_file():
+        return storage.sha256_file(local)
+    return None
+
+
+def _fetch_gcs(uri: str, timeout: float | None = None) -> tuple[Path, str, str]:
     """A verified local copy of a gs:// model: (path, run_id, sha256)."""
     try:
         if uri.endswith(".pt"):  # a file, not a prefix: nothing to verify it against
-            path = storage.fetch_to_cache(uri)
+            path = storage.fetch_to_cache(uri, timeout=timeout)
             return path, "", storage.sha256_file(path)
-        pointer = storage.read_latest(uri)
+        pointer = storage.read_latest(uri, timeout=timeout)
         if not _SHA256.fullmatch(pointer.sha256):
             raise ModelLoadError(f"{storage.join(uri, storage.LATEST)}: sha256 {pointer.sha256!r} is not a sha256 digest")
         dest = storage.cache_dir() / "models" / pointer.sha256 / PurePosixPath(pointer.path).name
@@ -183,9 +226,12 @@ def _fetch_gcs(uri: str) -> tuple[Path, str, str]:
             log.info("using cached %s for %s", dest, uri)
         else:
             log.info("downloading %s to %s", pointer.model_uri(uri), dest)
-            storage.download(pointer.model_uri(uri), dest, expected_sha256=pointer.sha256)
+            storage.download(pointer.model_uri(uri), dest, expected_sha256=pointer.sha256, timeout=timeout)
         return dest, pointer.run_id, pointer.sha256
     except ModelLoadError:
         raise
     except Exception as exc:  # network, auth, missing object, sha256 mismatch: all mean "cannot serve"
-        raise ModelLoadError(f"{uri}: cannot fetch the model ({type(exc).__name__}: {exc})") from None
+        # Only the network and GCS's 5xx are worth another try; a mismatch or a 404 is final.
+        raise ModelLoadError(
+            f"{uri}: cannot fetch the model ({type(exc).__name__}: {exc})", transient=storage.is_transient(exc)
+        ) from None

@@ -84,9 +84,17 @@ class ModelDetails(BaseModel):
     created_at: str
     code_version: str
     loaded_at: str
+    fallback: bool = Field(
+        default=False, description="true: the bundled model, served because MODEL_URI's failed to load (FALLBACK_TO_BUNDLED)"
+    )
+    fallback_error: str | None = Field(default=None, description="why MODEL_URI's model failed to load, when `fallback`")
+    last_reload_at: str | None = Field(default=None, description="when the last reload check ended (null: none yet)")
+    last_reload_error: str | None = Field(
+        default=None, description="why the last reload failed (the model above is still served); null if it did not fail"
+    )
 
     @classmethod
-    def from_info(cls, info: ModelInfo) -> ModelDetails:
+    def from_info(cls, info: ModelInfo, last_reload_at: str | None = None, last_reload_error: str | None = None) -> ModelDetails:
         return cls(
             version=info.version,
             run_id=info.run_id,
@@ -99,4 +107,16 @@ class ModelDetails(BaseModel):
             created_at=info.created_at,
             code_version=info.code_version,
             loaded_at=info.loaded_at,
+            fallback=info.fallback,
+            fallback_error=info.fallback_error or None,
+            last_reload_at=last_reload_at,
+            last_reload_error=last_reload_error,
         )
+
+
+class ReloadResponse(BaseModel):
+    """``POST /admin/reload``: whether another model is now served."""
+
+    reloaded: bool = Field(description="false: nothing new to load, or the reload failed (see `error`)")
+    version: str | None = Field(description="the version served now (null: no model is)", examples=["20250101-120000"])
+    error: str | None = Field(default=None, description="why the reload failed; the previous model is still served")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import app
@@ -22,6 +22,10 @@ BUNDLED_MODEL = Path(app.__file__).resolve().parent.parent / "models" / "fer-com
 TRACE_EXPORTERS = ("otlp", "gcp_trace", "console", "none")
 OTLP_PROTOCOL = "http/protobuf"
 
+# Settings whose value is never echoed, not even in the message that rejects it.
+SECRETS = frozenset({"admin_token"})
+MIN_ADMIN_TOKEN_CHARS = 16
+
 
 class ConfigError(ValueError):
     """An environment variable has a value the service cannot run with."""
@@ -30,7 +34,10 @@ class ConfigError(ValueError):
 class Settings(BaseSettings):
     """Read from the environment (no prefix, case-insensitive): ``MODEL_URI``, ``MAX_UPLOAD_BYTES``,
     ``MAX_IMAGE_PIXELS``, ``TORCH_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
-    ``MAX_QUEUE``, and the ``OTEL_*`` variables that turn tracing on (see :mod:`app.tracing`)."""
+    ``MAX_QUEUE``, the model loading and reloading variables (``MODEL_LOAD_RETRIES``,
+    ``MODEL_LOAD_BACKOFF_S``, ``GCS_TIMEOUT_S``, ``FALLBACK_TO_BUNDLED``, ``BUNDLED_MODEL_PATH``,
+    ``RELOAD_INTERVAL_S``, ``ADMIN_TOKEN``), and the ``OTEL_*`` variables that turn tracing on
+    (see :mod:`app.tracing`)."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, env_ignore_empty=True, extra="ignore")
 
@@ -49,6 +56,24 @@ class Settings(BaseSettings):
     max_concurrent_inferences: int = Field(default=0, ge=0, le=1024)
     # Requests allowed to wait for an inference slot; beyond that they get 503 at once.
     max_queue: int = Field(default=64, ge=0, le=100_000)
+
+    # Loading the model (app.reload). A transient failure at startup (GCS unreachable or slow, a
+    # 5xx) is retried this many times, waiting MODEL_LOAD_BACKOFF_S, then twice that, and so on;
+    # a corrupt or mismatching model is refused at once.
+    model_load_retries: int = Field(default=3, ge=0, le=20)
+    model_load_backoff_s: float = Field(default=1.0, ge=0, le=300)
+    # Seconds one request to GCS may take to connect or to send its next bytes (not the whole
+    # download); the client's own retries are off, the loader above does them.
+    gcs_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # When MODEL_URI's model cannot be loaded: serve the bundled model (GET /model says so, and
+    # why) rather than stay unready.
+    fallback_to_bundled: bool = False
+    # The model shipped inside the service image: served when MODEL_URI is unset, and the fallback.
+    bundled_model_path: Path = BUNDLED_MODEL
+    # Seconds between checks of MODEL_URI for a new model (a new latest.json); 0: never.
+    reload_interval_s: float = Field(default=0.0, ge=0, le=86_400)
+    # Bearer token of POST /admin/reload; no default: unset, the admin endpoint does not exist (404).
+    admin_token: SecretStr | None = None
 
     # Tracing (app.tracing): the standard OpenTelemetry variables. Only those that decide whether
     # and where spans go are read here, to be checked at startup; the SDK reads the rest itself
@@ -79,6 +104,21 @@ class Settings(BaseSettings):
             raise ValueError("gs:// URI has no bucket")
         return value
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _check_admin_token(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        value = value.strip()  # a secret mounted from a file often ends with a newline
+        if not value:
+            return None
+        if len(value) < MIN_ADMIN_TOKEN_CHARS:
+            # A guessable token is worse than none: reject it rather than serve a weak admin endpoint.
+            raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)")
+        return value
+
     @field_validator("otel_traces_exporter")
     @classmethod
     def _check_traces_exporter(cls, value: str | None) -> str | None:
@@ -99,7 +139,7 @@ class Settings(BaseSettings):
 
     def resolved_model_uri(self) -> str:
         """``MODEL_URI``, or the bundled model's path when it is unset."""
-        return self.model_uri or str(BUNDLED_MODEL)
+        return self.model_uri or str(self.bundled_model_path)
 
     def resolved_torch_threads(self) -> int:
         return self.torch_threads or available_cpus()
@@ -131,6 +171,7 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            name = str(err["loc"][0]).upper() if err["loc"] else "settings"
-            problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+            field = str(err["loc"][0]) if err["loc"] else "settings"
+            shown = "<hidden>" if field in SECRETS else repr(err.get("input"))
+            problems.append(f"{field.upper()}={shown}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -54,6 +54,55 @@ def gcs_client() -> Client:
     return storage.Client()
 
 
+def _request_options(timeout: float | None) -> dict[str, Any]:
+    """Keyword arguments for a client call. With a ``timeout``: each HTTP request gives up after
+    that many seconds and the client does not retry (the caller does, with its own backoff).
+    Without: the client's defaults (60 s per request, transient errors retried for up to 120 s)."""
+    return {} if timeout is None else {"timeout": timeout, "retry": None}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the network, a timeout, or a 408/429/5xx from GCS.
+
+    Mirrors the google-cloud-storage client's own retry predicate. A missing object, a refused
+    credential, a sha256 mismatch or malformed content are not transient.
+    """
+    import http.client
+
+    import requests
+    import urllib3
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+    from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+
+    retryable_status = {408, 429, 500, 502, 503, 504}
+    if isinstance(
+        exc,
+        (
+            ConnectionError,
+            TimeoutError,
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            http.client.BadStatusLine,
+            http.client.IncompleteRead,
+            http.client.ResponseNotReady,
+            urllib3.exceptions.PoolError,
+            urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.SSLError,
+            urllib3.exceptions.TimeoutError,
+            DataCorruption,  # the client's checksum of a download failed: fetch it again
+        ),
+    ):
+        return True
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        return exc.code in retryable_status
+    if isinstance(exc, InvalidResponse):
+        return getattr(exc.response, "status_code", None) in retryable_status
+    # Fetching a token failed on the network (the metadata server, oauth2.googleapis.com).
+    return isinstance(exc, auth_exceptions.TransportError)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,23 +139,25 @@ def upload_file(src: str | Path, uri: str | Path) -> None:
         write_bytes(uri, Path(src).read_bytes())
 
 
-def read_bytes(uri: str | Path) -> bytes:
+def read_bytes(uri: str | Path, timeout: float | None = None) -> bytes:
+    """The content of a local file or GCS object; ``timeout``: see :func:`_request_options`."""
     if is_gcs(uri):
         bucket, name = split_gcs(str(uri))
-        return gcs_client().bucket(bucket).blob(name).download_as_bytes()  # type: ignore[no-any-return]
+        return gcs_client().bucket(bucket).blob(name).download_as_bytes(**_request_options(timeout))  # type: ignore[no-any-return]
     return Path(uri).read_bytes()
 
 
-def download(uri: str, dest: str | Path, expected_sha256: str | None = None) -> Path:
+def download(uri: str, dest: str | Path, expected_sha256: str | None = None, timeout: float | None = None) -> Path:
     """Download a GCS object to ``dest`` via a temp file; verify the sha256 before the rename,
-    so a partial or corrupted download is never found at ``dest``."""
+    so a partial or corrupted download is never found at ``dest``. ``timeout`` bounds each HTTP
+    request (not the whole transfer) and turns the client's retries off: see :func:`_request_options`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     bucket, name = split_gcs(uri)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     os.close(fd)
     try:
-        gcs_client().bucket(bucket).blob(name).download_to_filename(tmp)
+        gcs_client().bucket(bucket).blob(name).download_to_filename(tmp, **_request_options(timeout))
         if expected_sha256 is not None:
             actual = sha256_file(tmp)
             if actual != expected_sha256:
@@ -126,16 +177,16 @@ def cache_dir() -> Path:
     return path
 
 
-def fetch_to_cache(uri: str) -> Path:
+def fetch_to_cache(uri: str, timeout: float | None = None) -> Path:
     """A local copy of ``gs://...`` in the cache, downloaded once per object generation."""
     bucket, name = split_gcs(uri)
-    blob = gcs_client().bucket(bucket).get_blob(name)
+    blob = gcs_client().bucket(bucket).get_blob(name, **_request_options(timeout))
     if blob is None:
         raise FileNotFoundError(f"{uri} does not exist")
     dest = cache_dir() / "gcs" / bucket / f"{blob.generation}" / Path(name).name
     if not dest.exists():
         log.info("downloading %s (%d bytes) to %s", uri, blob.size or 0, dest)
-        download(uri, dest)
+        download(uri, dest, timeout=timeout)
     return dest
 
 
@@ -182,8 +233,9 @@ def publish_run(
     return pointer
 
 
-def read_latest(prefix: str | Path) -> LatestPointer:
-    raw = json.loads(read_bytes(join(prefix, LATEST)))
+def read_latest(prefix: str | Path, timeout: float | None = None) -> LatestPointer:
+    """The pointer in ``<prefix>/latest.json``; ``timeout`` applies to GCS (see :func:`_request_options`)."""
+    raw = json.loads(read_bytes(join(prefix, LATEST), timeout=timeout))
     try:
         return LatestPointer(**raw)
     except TypeError as exc:

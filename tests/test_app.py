@@ -10,8 +10,6 @@ import logging
 import os
 import re
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -36,7 +34,6 @@ from app.routes import predict as predict_routes
 from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
 from fercore.labels import CLASS_NAMES
 from fercore.storage import LATEST, publish_run, sha256_file
-from tests.conftest import free_port
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 from tests.utils.service import (
     clean_service_env,
@@ -46,6 +43,7 @@ from tests.utils.service import (
     post_batch,
     post_image,
     running_app,
+    uvicorn_server,
     write_checkpoint,
 )
 
@@ -833,39 +831,10 @@ def test_invalid_settings_stop_startup(monkeypatch: pytest.MonkeyPatch, name: st
 
 @pytest.mark.slow
 def test_uvicorn_serves_predictions(checkpoint_path: Path, tmp_path: Path) -> None:
-    port = free_port()
-    log_file = (tmp_path / "uvicorn.log").open("wb")
-    env = {**os.environ, "MODEL_URI": str(checkpoint_path), "TORCH_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "uvicorn.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready in 90 s"
-            time.sleep(0.2)
+    with uvicorn_server(tmp_path / "uvicorn.log", MODEL_URI=str(checkpoint_path), TORCH_THREADS="1") as base:
         r = httpx.post(
             f"{base}/predict", files={"file": ("face.jpg", rgb_jpeg(), "image/jpeg")}, params={"detect": "false"}, timeout=30
         )
         assert r.status_code == 200, r.text
         assert_valid_scores(r.json()["faces"][0])
         assert httpx.post(f"{base}/predict", files={"file": ("e.png", b"", "image/png")}, timeout=30).status_code == 400
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_file.close()

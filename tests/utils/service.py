@@ -1,10 +1,14 @@
 """Helpers for tests of the service (app/): a tiny real checkpoint, the app run under
-``TestClient`` with a given environment, images made in code, and the upload calls."""
+``TestClient`` with a given environment or under a real uvicorn process, images made in code,
+and the upload calls."""
 
 from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,9 @@ from PIL import Image
 from app.main import create_app
 from fercore.checkpoint import make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The variables app.settings reads that a developer's shell might have set.
 SETTINGS_ENV = (
@@ -29,6 +36,13 @@ SETTINGS_ENV = (
     "MAX_BATCH_FILES",
     "MAX_CONCURRENT_INFERENCES",
     "MAX_QUEUE",
+    "MODEL_LOAD_RETRIES",
+    "MODEL_LOAD_BACKOFF_S",
+    "GCS_TIMEOUT_S",
+    "FALLBACK_TO_BUNDLED",
+    "BUNDLED_MODEL_PATH",
+    "RELOAD_INTERVAL_S",
+    "ADMIN_TOKEN",
 )
 
 
@@ -59,6 +73,38 @@ def running_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestCli
         monkeypatch.setenv(name, value)
     with TestClient(create_app()) as client:
         yield client
+
+
+@contextmanager
+def uvicorn_server(log_path: Path, ready_timeout: float = 90.0, **env: str) -> Iterator[str]:
+    """The real app (``app.main:app``) served by a uvicorn process on a free 127.0.0.1 port, with
+    ``env`` added to this process's environment. Yields the base URL once ``/readyz`` answers 200;
+    the server's output goes to ``log_path`` and is shown if it dies before that."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--log-level", "warning"]
+    base = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"the server did not become ready in {ready_timeout:.0f} s"
+                time.sleep(0.2)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
