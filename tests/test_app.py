@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -838,3 +839,25 @@ def test_uvicorn_serves_predictions(checkpoint_path: Path, tmp_path: Path) -> No
         assert r.status_code == 200, r.text
         assert_valid_scores(r.json()["faces"][0])
         assert httpx.post(f"{base}/predict", files={"file": ("e.png", b"", "image/png")}, timeout=30).status_code == 400
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a malicious "checkpoint" would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    torch.save({"format": "fer-checkpoint", "state_dict": _Payload(marker)}, path)
+    with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=str(path)) as client:
+        assert client.get("/readyz").status_code == 503
+    assert not marker.exists()
+    assert any("refused, not a plain-tensor checkpoint" in rec.getMessage() for rec in caplog.records)

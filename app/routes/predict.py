@@ -10,7 +10,17 @@ from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
 
 from app.deps import DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
-from app.errors import EmptyFile, PayloadTooLarge, ServiceError, TooManyFiles
+from app.errors import (
+    CorruptImage,
+    EmptyFile,
+    ImageTooLarge,
+    ModelNotReady,
+    PayloadTooLarge,
+    ServerBusy,
+    ServiceError,
+    TooManyFiles,
+    UnsupportedImage,
+)
 from app.faces import Box, FaceDetector, crop_faces
 from app.images import decode_image
 from app.model import Predictor
@@ -23,22 +33,37 @@ NO_TRACER = NoOpTracer()
 
 FORMATS = "JPEG, PNG, GIF, BMP, TIFF, WebP or PPM"
 _BUSY = "model not loaded, or server busy (every inference slot taken and the queue full: retry after `Retry-After` seconds)"
-_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        400: "empty file or corrupt image",
-        413: "file or image too large",
-        415: "unsupported image format",
-        503: _BUSY,
-    }.items()
-}
-_BATCH_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        413: "too many files (over MAX_BATCH_FILES), or the request body too large",
-        503: _BUSY,
-    }.items()
-}
+
+
+def _error_docs(codes: dict[int, tuple[str, list[str]]]) -> dict[int | str, dict[str, object]]:
+    """OpenAPI entries for error responses, each with its own stable ``detail`` values as examples."""
+    return {
+        code: {
+            "model": ErrorBody,
+            "description": text,
+            "content": {"application/json": {"examples": {d: {"value": {"detail": d}} for d in details}}},
+        }
+        for code, (text, details) in codes.items()
+    }
+
+
+_ERRORS = _error_docs(
+    {
+        400: ("empty file or corrupt image", [EmptyFile.message, CorruptImage.message]),
+        413: ("file or image too large", [PayloadTooLarge.message, ImageTooLarge.message]),
+        415: ("unsupported image format", [UnsupportedImage.message]),
+        503: (_BUSY, [ModelNotReady.message, ServerBusy.message]),
+    }
+)
+_BATCH_ERRORS = _error_docs(
+    {
+        413: (
+            "too many files (over MAX_BATCH_FILES), or the request body too large",
+            [TooManyFiles.message, PayloadTooLarge.message],
+        ),
+        503: (_BUSY, [ModelNotReady.message, ServerBusy.message]),
+    }
+)
 
 DetectParam = Annotated[
     bool,
