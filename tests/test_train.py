@@ -178,3 +178,16 @@ def test_lr_schedule_shapes() -> None:
     assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0) and cos[-1] < 0.01
     one = [train.lr_factor(s, total, 0, "onecycle") for s in range(total)]
     assert one.index(max(one)) == 30 and one[-1] < 0.01
+
+
+def test_wandb_offline_tracking(data_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb", reason="the `tracking` extra is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    out = tmp_path / "runs"
+    train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "2", *TINY, "--wandb", "--wandb-project", "test"])
+    run = only_run(out)
+    offline_runs = list(run.glob("wandb/offline-run-*"))
+    assert len(offline_runs) == 1, "wandb wrote one offline run into the run folder"
+    assert list(offline_runs[0].glob("*.wandb")), "with its event log"
