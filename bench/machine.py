@@ -16,10 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from training import runtime
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -45,11 +41,47 @@ def _memory_gib() -> float | None:
     return None
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def memory_mib(pid: int | str = "self") -> dict[str, float]:
+    """Resident memory of process ``pid`` now and its peak so far, in MiB (Linux ``/proc``)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024  # the values are in KiB
+    return {"rss_mib": round(fields["VmRSS"], 1), "peak_rss_mib": round(fields["VmHWM"], 1)}
+
+
+def describe_host() -> dict[str, Any]:
+    """CPU, memory, Python and OS of this machine, without torch: for the benchmarks that run in
+    another virtual environment (``bench.fer_baseline``). The hostname is left out on purpose."""
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": _usable_cpus(),
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
 def describe_machine() -> dict[str, Any]:
     """CPU, memory, accelerator and library versions of this process's machine.
 
     The hostname is left out on purpose: result files are committed.
     """
+    # Imported here, not at the top: bench.fer_baseline imports this module where torch is absent.
+    import torch
+
+    from training import runtime
+
     cuda = torch.cuda.is_available()
     return {
         "cpu_model": _cpu_model(),
@@ -72,17 +104,20 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return shlex.join(["python", "-m", module, *args])
 
 
-def write_result(path: str | Path, name: str, data: dict[str, Any], command: str | None = None) -> Path:
+def write_result(
+    path: str | Path, name: str, data: dict[str, Any], command: str | None = None, machine: dict[str, Any] | None = None
+) -> Path:
     """Write benchmark ``name``'s ``data`` with the machine and the command line to ``path``.
 
     ``command`` defaults to this process's ``sys.argv``; scripts whose ``main(argv)`` may be
     called from Python pass :func:`command_line` instead, so the file names the real arguments.
+    ``machine`` defaults to :func:`describe_machine` (which needs torch).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
-        "machine": describe_machine(),
+        "machine": describe_machine() if machine is None else machine,
         "command": " ".join(sys.argv) if command is None else command,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "results": data,
