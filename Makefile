@@ -27,7 +27,7 @@ typecheck:
 	$(BIN)/mypy
 
 test: install-dev lint typecheck
-	$(BIN)/pytest --cov=fercore --cov=training --cov=app --cov-report=term --cov-fail-under=80
+	$(BIN)/pytest --cov=fercore --cov=training --cov=app --cov-report=term --cov-report=xml --cov-fail-under=80
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -36,10 +36,14 @@ class Settings(BaseSettings):
     ``MAX_IMAGE_PIXELS``, ``TORCH_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
     ``MAX_QUEUE``, the model loading and reloading variables (``MODEL_LOAD_RETRIES``,
     ``MODEL_LOAD_BACKOFF_S``, ``GCS_TIMEOUT_S``, ``FALLBACK_TO_BUNDLED``, ``BUNDLED_MODEL_PATH``,
-    ``RELOAD_INTERVAL_S``, ``ADMIN_TOKEN``), and the ``OTEL_*`` variables that turn tracing on
-    (see :mod:`app.tracing`)."""
+    ``RELOAD_INTERVAL_S``, ``ADMIN_TOKEN``), the ``OTEL_*`` variables that turn tracing on
+    (see :mod:`app.tracing`), and ``PORT`` for :mod:`app.serve`."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, env_ignore_empty=True, extra="ignore")
+
+    # The port ``python -m app.serve`` (the service image's entry point) listens on; Cloud Run sets
+    # PORT. ``uvicorn app.main:app`` and ``make serve`` take theirs on the command line instead.
+    port: int = Field(default=8080, ge=1, le=65535)
 
     # A local checkpoint file, a local folder holding latest.json, or gs://bucket/prefix (a
     # folder with latest.json) or gs://bucket/path.pt. Unset: the bundled model.

@@ -7,6 +7,9 @@ Sources (all detected from the path, no conversion by hand):
 * the original ``fer2013.csv`` (``emotion,pixels,Usage``);
 * any of these at ``gs://bucket/path`` (downloaded with the real GCS client, cached).
 
+``python -m training.data --data SOURCE [--summary-json FILE]`` decodes a source into the
+cache and prints its fingerprint and split sizes (the DVC pipeline's ``prepare`` stage).
+
 Split names: ``train`` (Training), ``test`` (PublicTest, the Kaggle ``test/`` folder) and,
 from the CSV only, ``private_test`` (PrivateTest). Every image goes through
 :func:`fercore.preprocessing.prepare_face`, the same function serving uses.
@@ -14,11 +17,14 @@ from the CSV only, ``private_test`` (PrivateTest). Every image goes through
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
+import sys
 import tempfile
 import zipfile
 from collections import Counter
@@ -26,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -265,3 +272,35 @@ def train_val_split(data: FerData, val_fraction: float = 0.1, seed: int = 0) -> 
         Split(train.images[val_mask], train.labels[val_mask]),
         f"{val_fraction:.0%} stratified hold-out of train (seed {seed})",
     )
+
+
+def summarize(data: FerData) -> dict[str, Any]:
+    """Fingerprint, split sizes and per-class counts of ``data``, as plain JSON types."""
+    return {
+        "source": data.source,
+        "fingerprint": data.fingerprint,
+        "splits": {
+            name: {"images": len(split), "class_counts": dict(zip(CLASS_NAMES, split.class_counts(), strict=True))}
+            for name, split in sorted(data.splits.items())
+        },
+        "skipped": data.skipped,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Decode a FER2013 source into the cache; print its fingerprint and splits.")
+    parser.add_argument("--data", required=True, help="FER2013 zip, folder, fer2013.csv, or gs:// URI of one")
+    parser.add_argument("--summary-json", type=Path, help="also write the summary here")
+    parser.add_argument("--skip-bad", action="store_true", help="skip undecodable images and bad CSV rows instead of failing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    text = json.dumps(summarize(load_fer2013(args.data, skip_bad=args.skip_bad)), indent=2)
+    print(text)
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

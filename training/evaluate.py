@@ -2,6 +2,7 @@ r"""Evaluate a checkpoint on any supported FER2013 source.
 
     python -m training.evaluate --checkpoint models/fer-compact.pt \
         --data ../shared/data/fer2013.zip --split test --tta flip --output-json eval.json
+    python -m training.evaluate --checkpoint runs/ --data ...   # the model runs/latest.json names
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fercore import storage
 from fercore.checkpoint import build_model, load_checkpoint
 from fercore.preprocessing import PreprocessSpec, normalize
 from training import runtime
@@ -81,9 +83,18 @@ def evaluate_split(
     return report, loss
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """``path`` itself, or for a folder the model file its ``latest.json`` names (a training ``--output``)."""
+    if not path.is_dir():
+        return path
+    return Path(storage.read_latest(path).model_uri(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="model.pt file")
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="model.pt file, or a folder holding latest.json (a training --output)"
+    )
     parser.add_argument("--data", required=True, help="zip, folder, fer2013.csv or gs:// URI")
     parser.add_argument("--split", default="test", help="train, test (PublicTest) or private_test (CSV only)")
     parser.add_argument("--tta", default="none", choices=["none", "flip", "tencrop"])
@@ -96,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime.configure_threads()
     device = runtime.pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt).to(device).to(memory_format=torch.channels_last)
     data = load_fer2013(args.data, ckpt.preprocessing, skip_bad=args.skip_bad)
     split = data[args.split]
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     report, loss = evaluate_split(model, split, ckpt.preprocessing, ckpt.classes, args.tta, args.batch_size)
     report.update(
         {
-            "checkpoint": str(args.checkpoint),
+            "checkpoint": str(checkpoint),
             "run_id": ckpt.run_id,
             "model": ckpt.model.to_dict(),
             "data": str(args.data),

@@ -445,13 +445,19 @@ def finish_run(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m training.train`` (also what deploy/vertex-train.yaml passes)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of TrainConfig fields (see configs/)")
     parser.add_argument("--data", required=True, help="FER2013 zip, folder, fer2013.csv, or gs:// URI of one")
     parser.add_argument("--output", default="runs", help="local folder or gs://bucket/prefix (default: runs)")
     parser.add_argument("--resume", help="a run folder or its last.pt: continue where it stopped")
     add_config_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
