@@ -110,7 +110,7 @@ def test_downscale_keeps_small_images() -> None:
 
 def test_min_face_side_is_relative_with_a_floor() -> None:
     assert min_face_side((2000, 1000)) == 50
-    assert min_face_side((300, 200)) == 24  # the cascade's own window
+    assert min_face_side((300, 200)) == 48  # the model's input size
 
 
 def test_to_image_box_scales_back_and_stays_inside() -> None:
