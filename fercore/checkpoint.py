@@ -96,6 +96,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, with_training_state: boo
             torch.save(ckpt.to_dict(with_training_state), f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model is read by other users (the service's)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
     ckpt, model = tiny_checkpoint()
     path = tmp_path / "model.pt"
     save_checkpoint(ckpt, path)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the service's user, not only the writer's
     raw = torch.load(path, weights_only=True)  # plain tensors and builtins only
     assert raw["format"] == "fer-checkpoint" and raw["classes"] == list(CLASS_NAMES)
     loaded = load_checkpoint(path)
