@@ -78,3 +78,20 @@ def gcs(gcs_emulator: str, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixt
     if not bucket.exists():
         client.create_bucket(name)
     return client.bucket(name)
+
+
+@pytest.fixture
+def checkpoint_path(tmp_path: Path) -> Path:
+    """A tiny real service checkpoint (compact, width 4)."""
+    from tests.utils.service import write_checkpoint
+
+    return write_checkpoint(tmp_path / "model.pt")
+
+
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> Iterator:
+    """The app on ``checkpoint_path``, its lifespan running."""
+    from tests.utils.service import running_app
+
+    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path)) as c:
+        yield c

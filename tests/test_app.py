@@ -59,17 +59,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     clean_service_env(monkeypatch)
 
 
-@pytest.fixture
-def checkpoint_path(tmp_path: Path) -> Path:
-    return write_checkpoint(tmp_path / "model.pt")
-
-
-@pytest.fixture
-def client(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> Iterator[TestClient]:
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path)) as c:
-        yield c
-
-
 def rgb_png() -> bytes:
     gray = face_pixels()
     return encode(Image.fromarray(np.stack([gray, 255 - gray, gray // 2], axis=-1), mode="RGB"), "PNG")

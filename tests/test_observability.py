@@ -33,7 +33,7 @@ from app.settings import ConfigError
 from fercore.labels import CLASS_NAMES
 from fercore.storage import sha256_file
 from tests.utils.photos import photo_jpeg
-from tests.utils.service import clean_service_env, gray_png, post_batch, post_image, running_app, write_checkpoint
+from tests.utils.service import clean_service_env, gray_png, post_batch, post_image, running_app
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN_ID = "b7ad6b7169203331"
@@ -46,17 +46,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     clean_service_env(monkeypatch)
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     monkeypatch.delenv("K_SERVICE", raising=False)
-
-
-@pytest.fixture
-def checkpoint_path(tmp_path: Path) -> Path:
-    return write_checkpoint(tmp_path / "model.pt")
-
-
-@pytest.fixture
-def client(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> Iterator[TestClient]:
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path)) as c:
-        yield c
 
 
 # --- metrics ----------------------------------------------------------------------------
