@@ -6,6 +6,7 @@ that names the variable and says what is wrong with it.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     # Largest accepted image, in pixels (width * height), checked before decoding.
     max_image_pixels: int = Field(default=40_000_000, gt=0)
-    # Torch intra-op threads; 0 means one per CPU this process may run on.
+    # Torch intra-op threads; 0 means one per CPU this process may use (affinity, capped by the cgroup quota).
     torch_threads: int = Field(default=0, ge=0, le=1024)
     # Most files in one ``POST /predict/batch`` request (Starlette's parser stops at 1000 parts).
     max_batch_files: int = Field(default=16, ge=1, le=1000)
@@ -160,12 +161,41 @@ class Settings(BaseSettings):
         return tuple(name for name in self.otel_traces_exporter.split(",") if name != "none")
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask; a cgroup CPU quota is not seen here)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
+
+    A container (Cloud Run, Kubernetes, ``docker --cpus``) sees every CPU of the host in its
+    affinity mask but may only use its quota of them; more threads than that only contend.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota in CPUs (quota / period) of cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``;
+    None when unlimited or unreadable."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:  # v1: -1 means unlimited
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def load_settings() -> Settings:

@@ -32,7 +32,7 @@ from app.images import decode_image, to_gray_or_rgb
 from app.main import create_app
 from app.model import ModelLoadError, Predictor
 from app.routes import predict as predict_routes
-from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
+from app.settings import BUNDLED_MODEL, ConfigError, Settings, available_cpus, cgroup_cpu_quota, load_settings
 from fercore.labels import CLASS_NAMES
 from fercore.storage import LATEST, publish_run, sha256_file
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
@@ -770,11 +770,37 @@ def test_settings_defaults() -> None:
     assert BUNDLED_MODEL == ROOT / "models" / "fer-compact.pt"
     assert settings.max_upload_bytes == 10 * 1024 * 1024
     assert settings.max_image_pixels == 40_000_000
-    assert settings.resolved_torch_threads() == len(os.sched_getaffinity(0))
+    assert settings.resolved_torch_threads() == available_cpus() <= len(os.sched_getaffinity(0))
     assert settings.max_batch_files == 16
     assert settings.max_concurrent_inferences == 0
-    assert settings.resolved_max_concurrent_inferences() == len(os.sched_getaffinity(0))
+    assert settings.resolved_max_concurrent_inferences() == available_cpus()
     assert settings.max_queue == 64
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0),
+        ({}, None),
+    ],
+    ids=["v2-unlimited", "v2-1.5-cpus", "v1-unlimited", "v1-1-cpu", "no-cgroup"],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, files: dict[str, str], quota: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+
+
+def test_available_cpus_respects_the_cgroup_quota(tmp_path: Path) -> None:
+    # A container with a quota of 1.5 CPUs on a bigger host: 2 threads, not one per host CPU.
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
