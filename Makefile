@@ -4,17 +4,37 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: install install-dev serve test lint typecheck clean
+.PHONY: install install-dev lock serve test lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The service: shared core + app, no training dependencies.
+# Installs from the locks (requirements/*.txt, written by `make lock`): every package at its
+# locked version and sha256; then PyTorch at requirements/torch.txt's versions from the index
+# pip is configured with (PyPI, or a CPU wheel index through PIP_EXTRA_INDEX_URL as in CI); then
+# the project itself, without dependencies. pip check fails a lock that lacks a dependency
+# pyproject.toml asks for (run `make lock`).
+define install-locked
+	$(BIN)/pip install --require-hashes -r requirements/$(1).txt
+	$(BIN)/pip install -r requirements/torch.txt
+	$(BIN)/pip install --no-deps -e .
+	$(BIN)/pip check
+endef
+
+# The service: shared core + app (and the `gcp` extra), no training dependencies; the service
+# image's lock.
 install: $(BIN)/python
-	$(BIN)/pip install -e .
+	$(call install-locked,api)
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -e ".[dev]"
+	$(call install-locked,dev)
+
+# Rewrites requirements/{api,train,dev}.txt from pyproject.toml (scripts/lock.sh), with the uv
+# pinned here; `scripts/lock.sh --upgrade` moves every package to its newest allowed version.
+UV_VERSION := 0.13.8
+lock: $(BIN)/python
+	$(BIN)/pip install --quiet "uv==$(UV_VERSION)"
+	UV=$(BIN)/uv bash scripts/lock.sh
 
 serve: install
 	$(BIN)/uvicorn app.main:app --host 0.0.0.0 --port $(PORT)

@@ -10,10 +10,9 @@
 FROM python:3.11.14-slim-bookworm
 
 # CPU wheels of PyTorch: a fraction of the size of PyPI's CUDA builds. Override the index to
-# use a mirror; the versions match the training image (train.Dockerfile).
+# use a mirror. The versions are requirements/torch.txt's, the same as the tests' and the
+# training image's.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_VERSION=2.9.1
-ARG TORCHVISION_VERSION=0.24.1
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -24,17 +23,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /srv
 
-# Dependencies first, from pyproject.toml alone: editing the code reuses these layers.
-# torch/torchvision come from the CPU index only, and the constraints keep the second install
-# from replacing them with PyPI's CUDA builds. The `gcp` extra is the Cloud Trace exporter.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-    && printf 'torch==%s\ntorchvision==%s\n' "${TORCH_VERSION}" "${TORCHVISION_VERSION}" > /tmp/constraints.txt
-COPY pyproject.toml ./
-COPY deploy/requirements.py deploy/requirements.py
-RUN python deploy/requirements.py pyproject.toml --extras gcp > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
-    && rm /tmp/requirements.txt /tmp/constraints.txt
+# Dependencies first, from the locks alone: editing the code reuses these layers. PyTorch from
+# the CPU index only (with the dependencies that index has for it); then every other package at
+# the version and sha256 of requirements/api.txt (`make lock`: the dependencies and the `gcp`
+# extra, the Cloud Trace exporter), which also moves torch's own dependencies to their locked
+# versions. Nothing in the lock asks for torch, so it stays the CPU build; pip check proves the
+# result consistent.
+COPY requirements/torch.txt requirements/torch.txt
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r requirements/torch.txt
+COPY requirements/api.txt requirements/api.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements/api.txt \
+    && pip check
 
 # A non-root user; its home holds the cache of models downloaded from GCS (FER_CACHE_DIR).
 RUN groupadd --gid 10001 app \

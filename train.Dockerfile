@@ -9,25 +9,26 @@
 # credentials: the job's service account on Vertex AI); --output gs://BUCKET/prefix uploads the
 # finished run to <prefix>/<run-id>/ and then rewrites <prefix>/latest.json, which the service
 # follows. deploy/vertex-train.yaml runs it on a GPU on Vertex AI.
-FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+FROM pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 
+# PIP_BREAK_SYSTEM_PACKAGES: the image is the environment, and recent PyTorch images have a
+# distribution Python that refuses pip installs otherwise (PEP 668); older ones ignore it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONPATH=/srv
 
 WORKDIR /srv
 
-# Dependencies first, from pyproject.toml alone: editing the code reuses these layers. The base
-# image's CUDA build of torch/torchvision is pinned as a constraint, so nothing replaces it.
-COPY pyproject.toml ./
-COPY deploy/requirements.py deploy/requirements.py
-RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" \
-        > /tmp/constraints.txt \
-    && python deploy/requirements.py pyproject.toml --extras train,tracking > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
-    && rm /tmp/requirements.txt /tmp/constraints.txt
+# Dependencies first, from the lock alone: editing the code reuses these layers. Every package
+# at the version and sha256 of requirements/train.txt (`make lock`: the dependencies and the
+# `train` and `tracking` extras). PyTorch is the base image's CUDA build, of the version in
+# requirements/torch.txt (the tag above; tests/test_delivery.py checks they agree): the lock
+# leaves out torch, torchvision and their CUDA wheels, and nothing in it asks for them.
+COPY requirements/train.txt requirements/train.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements/train.txt
 
 # A non-root user; its home holds the dataset and download cache (FER_CACHE_DIR).
 RUN groupadd --gid 10001 trainer \

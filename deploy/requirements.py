@@ -1,12 +1,12 @@
 """Print the requirements pyproject.toml declares, one per line, for ``pip install -r``.
 
-    python deploy/requirements.py pyproject.toml --extras gcp > /tmp/requirements.txt
+    python deploy/requirements.py pyproject.toml --extras gcp
 
-The Dockerfiles install dependencies from this list before they copy the source, so a change
-to the code does not reinstall PyTorch (layer caching), and the list is never out of step with
-pyproject.toml because it is read from it. Extras that name the project itself
-(``fer2013-mlops[train,tracking]``) are expanded. Standard library only: it runs in the bare
-base images, before anything is installed.
+What each lock in requirements/ (``make lock``) must pin: tests/test_delivery.py checks every
+line printed for an image's or CI's extras against that lock, so a dependency added to
+pyproject.toml without a new lock fails the tests. Extras that name the project itself
+(``fer2013-mlops[train,tracking]``) are expanded. Standard library only: it runs in a bare
+Python, before anything is installed.
 """
 
 from __future__ import annotations

@@ -132,16 +132,19 @@ def test_api_image_is_cpu_only_non_root_and_installs_dependencies_before_the_sou
     base = steps[0]
     assert base[0] == "FROM" and re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", base[1]), base
     args = dict(arg.split("=", 1) for kind, arg in steps if kind == "ARG")
-    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args == {"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"}, "versions come from requirements/torch.txt"
     runs = [arg for kind, arg in steps if kind == "RUN"]
-    assert any('--index-url "${TORCH_INDEX_URL}"' in run and "torch==" in run for run in runs)
-    # Only the `gcp` extra, and the project itself is never installed with its extras.
-    assert [extras for run in runs for extras in re.findall(r"--extras (\S+)", run)] == ["gcp"]
+    # PyTorch from the CPU index only, at requirements/torch.txt's versions; the rest from the lock.
+    assert any(re.search(r'pip install .*--index-url "\$\{TORCH_INDEX_URL\}" -r requirements/torch\.txt', run) for run in runs)
+    locked = "pip install --no-cache-dir --require-hashes -r requirements/api.txt"
+    assert any(locked in run and "pip check" in run for run in runs)
+    assert not any(re.search(r"(torch|torchvision)==", run) for run in runs)
+    # The project itself is never installed (it runs from /srv), with or without extras.
     assert not any(re.search(r"pip install[^&]* \.(\[|\s|$)", run) for run in runs)
 
     kinds = [kind for kind, _ in steps]
     copies = [arg for kind, arg in steps if kind == "COPY"]
-    source_copy = kinds.index("COPY", kinds.index("COPY") + 2)  # after pyproject.toml and requirements.py
+    source_copy = next(i for i, (kind, arg) in enumerate(steps) if kind == "COPY" and not arg.startswith("requirements/"))
     last_pip = max(i for i, (kind, arg) in enumerate(steps) if kind == "RUN" and "pip install" in arg)
     assert last_pip < source_copy, "dependencies must be installed before the source is copied"
     assert {"fercore ./fercore", "app ./app", "models ./models"} <= set(copies)
@@ -157,9 +160,11 @@ def test_api_image_is_cpu_only_non_root_and_installs_dependencies_before_the_sou
 def test_train_image_is_cuda_pytorch_with_train_extras() -> None:
     steps = dockerfile_instructions("train.Dockerfile")
     assert steps[0][0] == "FROM"
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", steps[0][1]), steps[0]
+    base = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda\d+\.\d+-cudnn\d+-runtime", steps[0][1])
+    assert base, steps[0]
+    assert base.group(1) == torch_pins()["torch"], "the base image's PyTorch is requirements/torch.txt's"
     runs = [arg for kind, arg in steps if kind == "RUN"]
-    assert any("--extras train,tracking" in run and "-c /tmp/constraints.txt" in run for run in runs)
+    assert any("pip install --no-cache-dir --require-hashes -r requirements/train.txt" in run for run in runs)
     kinds = [kind for kind, _ in steps]
     last_pip = max(i for i, (kind, arg) in enumerate(steps) if kind == "RUN" and "pip install" in arg)
     assert last_pip < next(i for i, (kind, arg) in enumerate(steps) if arg == "training ./training")
@@ -210,6 +215,138 @@ def test_requirements_come_from_pyproject() -> None:
         timeout=60,
     ).stdout.splitlines()
     assert out == reqs.requirements(pyproject, ["train", "tracking"])
+
+
+# ---------------------------------------------------------------------------- dependency locks
+
+# requirements/<lock>.txt: the extras it covers (`make lock`, scripts/lock.sh).
+LOCKS = {"api": ["gcp"], "train": ["train", "tracking"], "dev": ["dev"]}
+# Left out of every lock: requirements/torch.txt, and the CUDA wheels PyPI's torch pins itself.
+PYTORCH_STACK = re.compile(r"(torch|torchvision|triton|nvidia-.+|cuda-.+)")
+# Where the locks are used: the images' and CI's Python on x86_64 Linux.
+LOCK_MARKERS = {"python_version": "3.11", "python_full_version": "3.11.14", "sys_platform": "linux", "platform_system": "Linux"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def torch_pins() -> dict[str, str]:
+    """requirements/torch.txt as {name: version}."""
+    pins = {}
+    for line in (ROOT / "requirements" / "torch.txt").read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            name, _, version = requirement.partition("==")
+            pins[canonical(name)] = version
+    return pins
+
+
+def read_lock(name: str) -> dict[str, tuple[str, list[str]]]:
+    """requirements/<name>.txt as {package: (version, sha256 hashes)}."""
+    entries = {}
+    # One block per package: "name==version \\n --hash=sha256:... \\n # via ...".
+    for block in re.split(r"\n(?=[A-Za-z0-9])", (ROOT / "requirements" / f"{name}.txt").read_text()):
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", block)
+        if match:
+            entries[canonical(match.group(1))] = (match.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return entries
+
+
+@pytest.mark.parametrize("lock", sorted(LOCKS))
+def test_lock_pins_every_dependency_pyproject_declares(lock: str) -> None:
+    """A dependency added to pyproject.toml, or a bound changed, without `make lock` fails here."""
+    from packaging.requirements import Requirement
+
+    reqs = load_module("deploy/requirements.py")
+    pyproject = reqs.tomllib.loads((ROOT / "pyproject.toml").read_text())
+    locked = {name: version for name, (version, _) in read_lock(lock).items()} | torch_pins()
+    stale = []
+    for line in reqs.requirements(pyproject, LOCKS[lock]):
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate(LOCK_MARKERS):
+            continue
+        version = locked.get(canonical(requirement.name))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            stale.append(f"{line!r} (locked: {version})")
+    assert not stale, f"requirements/{lock}.txt is stale, run `make lock`: {', '.join(stale)}"
+
+
+@pytest.mark.parametrize("lock", sorted(LOCKS))
+def test_lock_is_hashed_written_by_make_lock_and_leaves_out_pytorch(lock: str) -> None:
+    text = (ROOT / "requirements" / f"{lock}.txt").read_text()
+    assert text.startswith("# This file was autogenerated by uv via the following command:\n#    make lock\n")
+    entries = read_lock(lock)
+    assert len(entries) > 20
+    assert not [name for name, (_, hashes) in entries.items() if not hashes], "--require-hashes needs a hash on every package"
+    assert not [name for name in entries if PYTORCH_STACK.fullmatch(name)], "PyTorch comes from requirements/torch.txt"
+
+
+def test_locks_agree_and_torch_is_pinned_once() -> None:
+    versions: dict[str, set[str]] = {}
+    for lock in LOCKS:
+        for name, (version, _) in read_lock(lock).items():
+            versions.setdefault(name, set()).add(version)
+    assert not {name: found for name, found in versions.items() if len(found) > 1}, "one resolution for all the locks"
+    pins = torch_pins()
+    assert set(pins) == {"torch", "torchvision"} and all(re.fullmatch(r"\d+\.\d+\.\d+", v) for v in pins.values())
+    delivery = [ROOT / name for name in (*DOCKERFILES, "cloudbuild.yaml", "Makefile", ".github/workflows/ci.yml")]
+    assert not [path.name for path in delivery if re.search(r"torch(vision)?==", path.read_text())], "pinned only in torch.txt"
+
+
+def test_installs_use_the_locks() -> None:
+    recipe = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/pip install --require-hashes -r requirements/$(1).txt" in recipe
+    assert "$(BIN)/pip install -r requirements/torch.txt" in recipe and "$(BIN)/pip check" in recipe
+    assert "$(call install-locked,dev)" in recipe and "$(call install-locked,api)" in recipe
+    assert re.search(r"^lock: .*\n(\t.*\n)*\t.*scripts/lock\.sh", recipe, re.MULTILINE)
+    cloudbuild = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    test_step = " ".join(next(step for step in cloudbuild["steps"] if step["id"] == "test")["args"])
+    assert "--index-url ${_TORCH_INDEX_URL} -r requirements/torch.txt" in test_step and "make test" in test_step
+
+
+FAKE_UV = """#!/bin/bash
+# Records each call (UV_CONSTRAINT|arguments); writes a resolution with the PyTorch stack to -o.
+printf '%s|%s\\n' "${UV_CONSTRAINT:-}" "$*" >> "$FAKE_LOG"
+while [[ $# -gt 0 ]]; do [[ "$1" == -o ]] && out=$2; shift; done
+printf 'numpy==2.4.6\\ntorch==2.14.1\\nnvidia-cublas==13.1.1.3\\ncuda-bindings==13.5.0\\ntriton==3.8.0\\n' > "$out"
+"""
+
+
+def test_lock_script_resolves_once_and_leaves_out_the_pytorch_stack(tmp_path: Path) -> None:
+    for relative in ("scripts/lock.sh", "pyproject.toml", "requirements/torch.txt"):
+        (tmp_path / relative).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / relative, tmp_path / relative)
+    uv = tmp_path / "uv"
+    uv.write_text(FAKE_UV)
+    uv.chmod(0o755)
+    log = tmp_path / "calls.log"
+    bash = shutil.which("bash") or "/bin/bash"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "UV": str(uv), "FAKE_LOG": str(log)}
+        return subprocess.run([bash, "scripts/lock.sh", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    result = run()
+    assert result.returncode == 0, result.stderr
+    (first_constraint, first), *locks = [line.split("|", 1) for line in log.read_text().splitlines()]
+    assert "--extra dev --extra gcp" in first and "--generate-hashes" not in first and not first_constraint
+    assert "--upgrade" not in first
+    for (constraint, call), (lock, extras) in zip(locks, LOCKS.items(), strict=True):
+        args = call.split()
+        assert args[:3] == ["pip", "compile", "pyproject.toml"] and args[args.index("-o") + 1] == f"requirements/{lock}.txt"
+        assert {"--generate-hashes", "--python-version", "3.11", "requirements/torch.txt"} <= set(args)
+        assert [args[i + 1] for i, arg in enumerate(args) if arg == "--extra"] == extras
+        skipped = {args[i + 1] for i, arg in enumerate(args) if arg == "--no-emit-package"}
+        assert skipped == {"torch", "torchvision", "nvidia-cublas", "cuda-bindings", "triton"}
+        assert constraint.endswith("/all.txt"), "every lock is constrained by the one resolution"
+        assert f"wrote requirements/{lock}.txt" in result.stderr
+
+    log.unlink()
+    assert run("--upgrade").returncode == 0
+    assert "--upgrade" in log.read_text().splitlines()[0]
+    refused = run("--newest")
+    assert refused.returncode == 2 and "usage" in refused.stderr
 
 
 # ---------------------------------------------------------------------------- entry point and smoke test
@@ -507,10 +644,21 @@ def test_setup_creates_only_what_is_missing(tmp_path: Path, exists: bool) -> Non
 
 
 def test_shellcheck_passes_on_the_scripts() -> None:
+    scripts = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "scripts").glob("*.sh"))
+    assert {"scripts/build-images-locally.sh", "scripts/lock.sh"} <= set(scripts)
     result = subprocess.run(
-        [tool("shellcheck"), "deploy/setup-gcp.sh", ".ci/run"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [tool("shellcheck"), "deploy/setup-gcp.sh", ".ci/run", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_build_images_locally_explains_itself_and_refuses_unknown_arguments() -> None:
+    script = str(ROOT / "scripts" / "build-images-locally.sh")
+    bash = shutil.which("bash") or "/bin/bash"
+    usage = subprocess.run([bash, script, "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--api-only" in usage.stdout and "set -euo" not in usage.stdout
+    refused = subprocess.run([bash, script, "--push"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown argument '--push'" in refused.stderr
 
 
 # ---------------------------------------------------------------------------- Vertex AI training
@@ -603,6 +751,20 @@ def test_lint_and_image_workflows() -> None:
     assert job["strategy"]["matrix"]["image"] == ["api", "train"]
     build = next(step for step in job["steps"] if str(step.get("uses", "")).startswith("docker/build-push-action@"))
     assert build["with"]["push"] is False and build["with"]["file"] == "${{ matrix.image }}.Dockerfile"
+    assert "requirements/**" in images[True]["pull_request"]["paths"], "a new lock rebuilds the images"
+    smoke = next(step for step in job["steps"] if "deploy/smoke_test.py" in str(step.get("run", "")))
+    assert smoke["if"] == "matrix.image == 'api'" and build["with"]["load"] == "${{ matrix.image == 'api' }}"
+
+
+def test_audit_workflow_runs_pip_audit_on_every_lock() -> None:
+    audit = workflow("audit.yml")
+    assert {"pull_request", "push", "schedule"} <= set(audit[True])
+    runs = [str(step.get("run", "")) for step in audit["jobs"]["pip-audit"]["steps"]]
+    audits = [run for run in runs if run.startswith("pip-audit ")]
+    assert audits and all("--strict" in run and "--disable-pip" in run for run in audits)
+    audited = {path for run in audits for path in re.findall(r"-r (requirements/\S+\.txt)", run)}
+    assert audited == {f"requirements/{name}.txt" for name in (*LOCKS, "torch")}
+    assert any("pip-audit==" in run for run in runs), "a pinned pip-audit"
 
 
 # ---------------------------------------------------------------------------- gcloud's own parser
