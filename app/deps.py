@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry.trace import Tracer
 
+from app.batching import MicroBatcher
 from app.concurrency import InferenceLimiter
 from app.errors import AdminDisabled, ModelNotReady, NotAuthenticated
 from app.faces import FaceDetector
@@ -67,6 +68,12 @@ def get_limiter(request: Request) -> InferenceLimiter:
     return limiter
 
 
+def get_batcher(request: Request) -> MicroBatcher | None:
+    """The micro-batcher; None when BATCH_MAX_SIZE is 1 (each request classifies its own faces)."""
+    batcher: MicroBatcher | None = request.app.state.batcher
+    return batcher
+
+
 def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
@@ -84,5 +91,6 @@ LoaderDep = Annotated[ModelLoader, Depends(get_loader)]
 AdminDep = Depends(require_admin)
 DetectorDep = Annotated[FaceDetector, Depends(get_detector)]
 LimiterDep = Annotated[InferenceLimiter, Depends(get_limiter)]
+BatcherDep = Annotated[MicroBatcher | None, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 TracerDep = Annotated[Tracer, Depends(get_tracer)]

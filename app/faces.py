@@ -143,3 +143,16 @@ def crop_faces(image: Image.Image, boxes: Sequence[Box], margin: float = CROP_MA
         x, y, w, h = expand_box(box, margin, width, height)
         crops.append(image.crop((x, y, x + w, y + h)))
     return crops
+
+
+def whole_image_crop(image: Image.Image, max_side: int = DETECT_MAX_SIDE) -> Image.Image:
+    """``image`` as the one face crop of ``detect=false``: shrunk by a whole factor (box average) so
+    its longer side is at most ``max_side``.
+
+    The model sees a 48x48 resize of it either way; shrunk now, a crop that waits for its forward
+    pass (beside a batch's other files, or in a micro-batch) holds at most ``max_side`` squared
+    pixels, not the full image: at MAX_IMAGE_PIXELS (40 Mpx) that is 160 MB in RGB, and sixteen of
+    them in one ``/predict/batch`` would exceed the instance's memory.
+    """
+    factor = -(-max(image.size) // max_side)  # ceil
+    return image.reduce(factor) if factor > 1 else image

@@ -3,7 +3,8 @@
 Untrusted input: the format is sniffed from the bytes (never the client's content type),
 only a few plain raster formats are opened (no EPS, which would run Ghostscript), the pixel
 count is checked from the header before anything is decoded, and every decoder failure
-becomes a 4xx :class:`~app.errors.ServiceError`.
+becomes a 4xx :class:`~app.errors.ServiceError`. A broken EXIF block is ignored (the image is
+used as stored), not refused. ``tests/utils/corpus.py`` holds the hostile files this is tested on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -53,13 +55,26 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image.seek(0)  # animated GIF/WebP/APNG, multi-page TIFF: the first frame
         image.load()
-        upright = ImageOps.exif_transpose(image)
-        return to_gray_or_rgb(upright)
+        return to_gray_or_rgb(_upright(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge() from None
-    except Exception as exc:  # truncated data, broken EXIF, decoder errors: the client's file
+    except Exception as exc:  # truncated data, decoder errors: the client's file
         log.info("image data rejected: %r", exc)
         raise CorruptImage() from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; as it is when the EXIF block cannot be parsed.
+
+    A broken EXIF block (editors write them; a PNG eXIf or WebP EXIF chunk that is not TIFF data)
+    says nothing about the pixels, which have decoded: the image is used unturned, not refused.
+    """
+    try:
+        # In place: without an orientation to apply, the default would return a copy of the image.
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as exc:  # Pillow's EXIF parser raises SyntaxError, ValueError, struct.error...
+        log.info("EXIF ignored, image used as stored: %r", exc)
+    return image
 
 
 def _registered_formats() -> list[str]:
@@ -77,17 +92,21 @@ def to_gray_or_rgb(image: Image.Image) -> Image.Image:
         return image.convert("L")
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
         # Pillow's convert("L") clips 16-bit values at 255 (a white image); scale instead.
-        pixels = np.asarray(image).astype(np.int64)
-        return Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8), mode="L")
+        return _bands_to_gray(np.asarray(image), lambda band: np.clip(band, 0, 65535) >> 8)
     if mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = np.nan_to_num(pixels)
-        lo, hi = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
-        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+        pixels = np.asarray(image)
+        # nan -> 0, +-inf -> the largest float32 (nan_to_num); the range is taken in float64, where it cannot overflow.
+        lo = min(float(np.nan_to_num(band).min()) for band in _bands(pixels))
+        hi = max(float(np.nan_to_num(band).max()) for band in _bands(pixels))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return _bands_to_gray(pixels, lambda band: np.rint((np.nan_to_num(band).astype(np.float64) - lo) * scale))
+    if mode == "LA":  # flattened in gray: through RGBA it would take 4 more bytes per pixel
+        flat = Image.new("L", image.size, BACKGROUND[0])
+        flat.paste(image.convert("L"), mask=image.getchannel("A"))
+        return flat
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif mode in ("LA", "La", "PA", "RGBa"):
+    elif mode in ("La", "PA", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         flat = Image.new("RGB", image.size, BACKGROUND)
@@ -96,3 +115,22 @@ def to_gray_or_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     return image.convert("RGB")  # CMYK, YCbCr, LAB, ...; raises ValueError if Pillow cannot
+
+
+# Pixels converted at a time from a 16-bit, 32-bit or float image: a full-size temporary in int64
+# or float64 would take 8 bytes per pixel, 320 MB for an image at the default MAX_IMAGE_PIXELS.
+_BAND_PIXELS = 1 << 20
+
+
+def _bands(pixels: np.ndarray) -> Iterator[np.ndarray]:
+    """Views of the (H, W) array ``pixels``, a band of about ``_BAND_PIXELS`` rows' worth at a time."""
+    rows = max(1, _BAND_PIXELS // max(1, pixels.shape[1]))
+    return (pixels[top : top + rows] for top in range(0, pixels.shape[0], rows))
+
+
+def _bands_to_gray(pixels: np.ndarray, to_0_255: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    """An ``L`` image of ``to_0_255`` applied to (H, W) ``pixels`` a band of rows at a time."""
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    for band, out_band in zip(_bands(pixels), _bands(out), strict=True):
+        out_band[...] = to_0_255(band)
+    return Image.fromarray(out, mode="L")

@@ -34,7 +34,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.path_limits.get(_route_path(scope), self.max_body_bytes)
+        limit = self.path_limits.get(route_path(scope), self.max_body_bytes)
         declared = _content_length(scope)
         received = 0
 
@@ -52,7 +52,7 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The path the app's routes see: without the ``root_path`` a proxy may mount it under."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")

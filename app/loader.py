@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from opentelemetry.trace import Tracer
 from starlette.concurrency import run_in_threadpool
@@ -37,10 +37,13 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 300.0
 
 
-def load_predictor(uri: str, tracer: Tracer, timeout: float | None = None, fallback_error: str = "") -> Predictor:
+def load_predictor(
+    uri: str, tracer: Tracer, timeout: float | None = None, fallback_error: str = "", optimize: bool = True
+) -> Predictor:
     """Load and warm up the model at ``uri``; ``fallback_error`` marks it as served in place of
-    MODEL_URI's model, which failed to load for that reason. Blocking: run it in a worker thread."""
-    predictor = Predictor.from_uri(uri, timeout=timeout)
+    MODEL_URI's model, which failed to load for that reason; ``optimize``: OPTIMIZE_MODEL. Blocking:
+    run it in a worker thread."""
+    predictor = Predictor.from_uri(uri, timeout=timeout, optimize=optimize)
     predictor.warm_up()
     predictor.tracer = tracer  # after the warm-up: its inference is no request's
     if fallback_error:
@@ -58,7 +61,7 @@ class ReloadOutcome:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class ModelLoader:
@@ -70,6 +73,7 @@ class ModelLoader:
         self.metrics = metrics
         self.tracer = tracer
         self.uri = settings.resolved_model_uri()
+        self.optimize = settings.optimize_model
         self.last_reload_at: str | None = None  # when the last reload check ended, whatever it found
         self.last_reload_error: str | None = None  # why it failed; None if it succeeded or found nothing new
         self._lock = asyncio.Lock()  # one reload at a time: a second waits, then finds nothing new
@@ -89,7 +93,7 @@ class ModelLoader:
                 return
             log.error("model not loaded: %s; falling back to the bundled model %s (FALLBACK_TO_BUNDLED)", exc, bundled)
             try:
-                predictor = await run_in_threadpool(load_predictor, bundled, self.tracer, None, str(exc))
+                predictor = await run_in_threadpool(load_predictor, bundled, self.tracer, None, str(exc), self.optimize)
             except ModelLoadError as fallback_exc:
                 self.metrics.model_load_failed()
                 log.error("the bundled model did not load either, the service will not become ready: %s", fallback_exc)
@@ -102,7 +106,9 @@ class ModelLoader:
         attempts = self.settings.model_load_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                return await run_in_threadpool(load_predictor, self.uri, self.tracer, self.settings.gcs_timeout_s)
+                return await run_in_threadpool(
+                    load_predictor, self.uri, self.tracer, self.settings.gcs_timeout_s, optimize=self.optimize
+                )
             except ModelLoadError as exc:
                 if not exc.transient:
                     raise
@@ -142,7 +148,7 @@ class ModelLoader:
             wanted = await run_in_threadpool(source_sha256, self.uri, timeout)
             if wanted is not None and wanted == serving:
                 return ReloadOutcome(reloaded=False, version=version)
-            new = await run_in_threadpool(load_predictor, self.uri, self.tracer, timeout)
+            new = await run_in_threadpool(load_predictor, self.uri, self.tracer, timeout, optimize=self.optimize)
         except Exception as exc:
             self.metrics.model_load_failed()
             still = f"still serving {version}" if current else "no model served"

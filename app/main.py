@@ -30,7 +30,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app import routes
 from app.access import RequestTelemetry
-from app.concurrency import InferenceLimiter
+from app.batching import MicroBatcher
+from app.concurrency import InferenceLimiter, RefuseWhenFull
 from app.errors import install_error_handlers
 from app.faces import CASCADE_PATH, FaceDetector, configure_opencv
 from app.images import configure_pillow
@@ -61,10 +62,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await loader.load_at_startup()
     tracing.start()
     loader.start()  # periodic reload checks, if RELOAD_INTERVAL_S asks for them
+    if settings.batching:  # else each request classifies its faces in its own inference slot
+        app.state.batcher = MicroBatcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000, metrics, tracing.tracer)
+        app.state.batcher.start()
     try:
         yield
     finally:
         await loader.stop()
+        if app.state.batcher is not None:
+            await app.state.batcher.stop()  # after the server's last request: nothing is left queued
+            app.state.batcher = None
         app.state.loader = None
         app.state.predictor = None
         app.state.detector = None
@@ -88,12 +95,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.loader = None
     app.state.detector = None
     app.state.limiter = None
+    app.state.batcher = None
     app.state.metrics = metrics = Metrics()
     app.state.tracing = tracing = Tracing(settings, service_version=VERSION)
     per_file = settings.max_upload_bytes + MULTIPART_OVERHEAD
     app.add_middleware(
         BodySizeLimit, max_body_bytes=per_file, path_limits={"/predict/batch": settings.max_batch_files * per_file}
     )
+    app.add_middleware(RefuseWhenFull, paths=("/predict", "/predict/batch"))  # before the body limit reads anything
     app.add_middleware(RequestTelemetry, metrics=metrics)  # added last: outside the body limit, sees its 413s
     install_error_handlers(app)
     app.include_router(routes.health.router)

@@ -63,17 +63,28 @@ class Metrics:
             **common,
         )
         self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being handled right now.", **common)
+        self.inference_admitted = Gauge(
+            "inference_admitted",
+            "Requests running or waiting for an inference slot; at most MAX_CONCURRENT_INFERENCES + MAX_QUEUE (beyond: 503).",
+            **common,
+        )
         self.queue_wait = Histogram(
             "inference_queue_wait_seconds", "Time a request waited for an inference slot.", buckets=WAIT_BUCKETS, **common
         )
         self.inference_duration = Histogram(
             "inference_duration_seconds",
-            "Time a request held an inference slot: decode, face detection and classification.",
+            "Time a request held an inference slot: decode, face detection and (unless micro-batched) classification.",
             buckets=LATENCY_BUCKETS,
             **common,
         )
         self.batch_size = Histogram(
             "inference_batch_size", "Faces classified per forward pass of the model.", buckets=BATCH_BUCKETS, **common
+        )
+        self.batch_wait = Histogram(
+            "batch_wait_seconds",
+            "Time a request's faces waited for the forward pass they joined to start (micro-batching only).",
+            buckets=WAIT_BUCKETS,
+            **common,
         )
         self.faces_per_image = Histogram(
             "faces_per_image", "Faces found per decoded image (1 with detect=false).", buckets=FACES_BUCKETS, **common
@@ -105,14 +116,15 @@ class Metrics:
         self.request_duration.labels(method, route, str(status)).observe(seconds)
 
     def observe_images(self, emotions_per_image: Sequence[Sequence[str]]) -> None:
-        """Record the outcome of one forward pass: the predicted emotion of each face, per image."""
-        faces = 0
+        """Record the outcome of one request: the predicted emotion of each face, per image."""
         for emotions in emotions_per_image:
             self.faces_per_image.observe(len(emotions))
             for emotion in emotions:
                 self.predictions.labels(emotion).inc()
-            faces += len(emotions)
-        if faces:  # no face, no forward pass
+
+    def observe_forward_pass(self, faces: int) -> None:
+        """Record one forward pass of the model over ``faces`` faces (none: no pass, nothing recorded)."""
+        if faces:
             self.batch_size.observe(faces)
 
     def model_loaded(self, info: ModelInfo) -> None:

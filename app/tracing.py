@@ -18,6 +18,11 @@ The SDK reads the others itself: ``OTEL_SERVICE_NAME`` (default here: Cloud Run'
 Each app has its own ``TracerProvider`` (never the process-global one), so tests can run several
 apps with different settings in one process. An incoming W3C ``traceparent`` header is honoured:
 the request span continues the caller's trace. The probes and ``/metrics`` are not traced.
+
+Request and response headers are only recorded when ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*``
+ask for them; credentials (``Authorization``, cookies...) are then always recorded as
+``[REDACTED]``, whatever ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS`` says: a
+capture-everything ``.*`` set for debugging must not send the admin token to a trace backend.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ DEFAULT_SERVICE_NAME = "fer2013-service"
 UNTRACED_URLS = "/healthz$,/readyz$,/metrics$"
 # Env variables by which the instrumentation's own exclusion list is set instead.
 _EXCLUDED_URLS_ENV = ("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS")
+# Headers never recorded in a span, even when header capture is on (regexes, case-insensitive),
+# added to those of the variable below.
+SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
+_SANITIZE_ENV = "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS"
 GCP_EXTRA_HINT = "pip install 'fer2013-mlops[gcp]' (opentelemetry-exporter-gcp-trace)"
 
 
@@ -79,6 +88,8 @@ class Tracing:
             excluded_urls=None if from_env else UNTRACED_URLS,
             # One span per ASGI message would bury the steps under dozens of upload chunks.
             exclude_spans=["receive", "send"],
+            # Given here, the list replaces the variable's: both go in.
+            http_capture_headers_sanitize_fields=sanitized_headers(),
         )
 
     def start(self) -> None:
@@ -134,3 +145,9 @@ def gcp_trace_exporter(project: str | None) -> SpanExporter | None:
         log.error("OTEL_TRACES_EXPORTER=gcp_trace: cannot create the Cloud Trace exporter (%s: %s)", type(exc).__name__, exc)
         return None
     return exporter
+
+
+def sanitized_headers() -> list[str]:
+    """Header names (regexes) recorded as ``[REDACTED]``: the operator's, and :data:`SECRET_HEADERS`."""
+    configured = [name.strip() for name in os.environ.get(_SANITIZE_ENV, "").split(",") if name.strip()]
+    return [*configured, *SECRET_HEADERS]

@@ -12,7 +12,7 @@ import os
 import platform
 import shlex
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def write_result(
         "benchmark": name,
         "machine": describe_machine() if machine is None else machine,
         "command": " ".join(sys.argv) if command is None else command,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "results": data,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")

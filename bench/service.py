@@ -277,6 +277,7 @@ async def _load(
     max_duration_s: float,
     timeout: float,
     transport: httpx.AsyncBaseTransport | None = None,
+    keep_seconds: bool = False,
 ) -> dict[str, Any]:
     params, files = upload(image)
     seconds: list[float] = []
@@ -319,6 +320,7 @@ async def _load(
         "duration_s": duration,
         "throughput_rps": ok / duration if duration > 0 else 0.0,
         "latency": latency_summary(seconds),
+        **({"seconds": seconds} if keep_seconds else {}),
     }
 
 
@@ -330,10 +332,12 @@ def load_test(
     max_duration_s: float,
     timeout: float = 30.0,
     transport: httpx.AsyncBaseTransport | None = None,
+    keep_seconds: bool = False,
 ) -> dict[str, Any]:
     """``concurrency`` clients posting ``image`` until ``max_requests`` are sent or ``max_duration_s``
-    has passed (requests in flight then finish). Throughput and latency count the 200s only."""
-    return asyncio.run(_load(base_url, image, concurrency, max_requests, max_duration_s, timeout, transport))
+    has passed (requests in flight then finish). Throughput and latency count the 200s only;
+    ``keep_seconds``: the row also holds each 200's latency, in seconds (``seconds``)."""
+    return asyncio.run(_load(base_url, image, concurrency, max_requests, max_duration_s, timeout, transport, keep_seconds))
 
 
 def bench_server(model: Path, images: list[BenchImage], args: argparse.Namespace, log_path: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import os
 import pickle
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class Checkpoint:
             "metrics": dict(self.metrics),
             "dataset_fingerprint": self.dataset_fingerprint,
             "code_version": self.code_version,
-            "created_at": self.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": self.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
             "run_id": self.run_id,
         }
         if with_training_state and self.training_state is not None:
@@ -152,13 +152,49 @@ def _parse(raw: Any, where: str) -> Checkpoint:
 
 
 def build_model(ckpt: Checkpoint) -> nn.Module:
-    """Rebuild the network through the registry, load the weights strictly, ``eval()``."""
+    """Rebuild the network through the registry, load the weights strictly, ``eval()``.
+
+    The network is first built on the ``meta`` device (shapes, no memory) and compared with the
+    weights: a checkpoint naming an architecture it has no weights for (``{"width": 100000}``,
+    19 trillion parameters) is refused before anything that large is allocated. The real network
+    is then no larger than the weights the file holds.
+    """
+    name = ckpt.model.name
+    num_classes = len(ckpt.classes)
     try:
-        model = ckpt.model.build(num_classes=len(ckpt.classes))
+        with torch.device("meta"):
+            skeleton = ckpt.model.build(num_classes=num_classes)
+    except (ValueError, TypeError) as exc:  # not in the registry, or arguments it does not take
+        raise CheckpointError(f"cannot build model {name!r}: {_first_line(exc)}") from None
+    mismatch = _state_dict_mismatch(skeleton.state_dict(), ckpt.state_dict)
+    if mismatch:
+        raise CheckpointError(f"weights do not fit model {name!r} ({ckpt.model.kwargs}, {num_classes} classes): {mismatch}")
+    try:
+        model = ckpt.model.build(num_classes=num_classes)
         model.load_state_dict(ckpt.state_dict, strict=True)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"weights do not fit model {ckpt.model.name!r}: {_first_line(exc)}") from None
+        raise CheckpointError(f"weights do not fit model {name!r}: {_first_line(exc)}") from None
     return model.eval()
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str:
+    """How ``given`` weights differ from the keys and shapes of ``expected``; empty if they do not."""
+    if not isinstance(given, dict):
+        return f"state_dict is a {type(given).__name__}, not a dict"
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [
+        f"{k} {tuple(given[k].shape) if isinstance(given[k], torch.Tensor) else type(given[k]).__name__}"
+        f" instead of {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and not (isinstance(given[k], torch.Tensor) and given[k].shape == expected[k].shape)
+    ]
+    parts = [
+        f"{len(items)} {what} (first: {', '.join(map(str, items[:3]))})"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong))
+        if items
+    ]
+    return "; ".join(parts)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

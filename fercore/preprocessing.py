@@ -8,6 +8,7 @@ face, and both call the same functions with the spec stored in the checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -16,6 +17,9 @@ import torch
 from PIL import Image
 
 Contrast = Literal["equalize", "none"]
+# Largest face input a checkpoint may ask for: FER2013 faces are 48x48; this leaves room for any
+# upsampled input a backbone may want, and bounds the warm-up face at 1 Mpx.
+MAX_INPUT_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,12 @@ class PreprocessSpec:
         if unknown:
             raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
         spec = cls(**data)
+        # A checkpoint is read from storage: its spec must not make the service allocate a huge
+        # input (the warm-up builds one face of input_size squared pixels) or divide by zero.
+        if not isinstance(spec.input_size, int) or not 1 <= spec.input_size <= MAX_INPUT_SIZE:
+            raise ValueError(f"input_size must be an integer from 1 to {MAX_INPUT_SIZE}, got {spec.input_size!r}")
+        if not (math.isfinite(spec.mean) and math.isfinite(spec.std) and spec.std > 0):
+            raise ValueError(f"mean and std must be finite numbers and std positive, got {spec.mean!r} and {spec.std!r}")
         if spec.contrast not in ("equalize", "none"):
             raise ValueError(f"unknown contrast normalisation {spec.contrast!r}")
         if not spec.grayscale:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from google.cloud.storage import Client
+    from google.cloud.storage import Blob, Client
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, api_exceptions.GoogleAPICallError):
         return exc.code in retryable_status
+    if isinstance(exc, api_exceptions.RetryError):  # the client's own retries (no ``timeout``) ran out
+        return exc.cause is not None and is_transient(exc.cause)
     if isinstance(exc, InvalidResponse):
         return getattr(exc.response, "status_code", None) in retryable_status
     # Fetching a token failed on the network (the metadata server, oauth2.googleapis.com).
@@ -148,17 +150,40 @@ def read_bytes(uri: str | Path, timeout: float | None = None) -> bytes:
     return Path(uri).read_bytes()
 
 
+class IncompleteDownload(ConnectionError):
+    """A download ended with fewer (or more) bytes than the object holds: the connection was cut
+    short. A :class:`ConnectionError`, so :func:`is_transient` says to try again."""
+
+
 def download(uri: str, dest: str | Path, expected_sha256: str | None = None, timeout: float | None = None) -> Path:
     """Download a GCS object to ``dest`` via a temp file; verify the sha256 before the rename,
     so a partial or corrupted download is never found at ``dest``. ``timeout`` bounds each HTTP
     request (not the whole transfer) and turns the client's retries off: see :func:`_request_options`."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     bucket, name = split_gcs(uri)
+    blob = gcs_client().bucket(bucket).get_blob(name, **_request_options(timeout))
+    if blob is None:
+        raise FileNotFoundError(f"{uri} does not exist")
+    return _download_blob(blob, uri, Path(dest), expected_sha256, timeout)
+
+
+def _download_blob(blob: Blob, uri: str, dest: Path, expected_sha256: str | None, timeout: float | None) -> Path:
+    """``blob`` (its metadata loaded: this generation, this size) to ``dest``, whole or not at all.
+
+    The size is checked as well as the sha256: the client checks a download against the
+    ``X-Goog-Hash`` header and urllib3 against ``Content-Length``, but a response with neither
+    (a proxy's doing) that is cut short would otherwise pass for the whole object where no
+    sha256 is expected (:func:`fetch_to_cache`), and be kept in the cache for good.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     os.close(fd)
     try:
-        gcs_client().bucket(bucket).blob(name).download_to_filename(tmp, **_request_options(timeout))
+        blob.download_to_filename(tmp, **_request_options(timeout))
+        # A gzip-encoded object is decompressed on the way: its stored size is not the file's.
+        if blob.size is not None and blob.content_encoding != "gzip":
+            got = os.path.getsize(tmp)
+            if got != blob.size:
+                raise IncompleteDownload(f"{uri}: downloaded {got} bytes of {blob.size}")
         if expected_sha256 is not None:
             actual = sha256_file(tmp)
             if actual != expected_sha256:
@@ -185,9 +210,10 @@ def fetch_to_cache(uri: str, timeout: float | None = None) -> Path:
     if blob is None:
         raise FileNotFoundError(f"{uri} does not exist")
     dest = cache_dir() / "gcs" / bucket / f"{blob.generation}" / Path(name).name
-    if not dest.exists():
+    # A copy of the wrong size is one an older version of this function kept after a cut download.
+    if not dest.exists() or (blob.size is not None and blob.content_encoding != "gzip" and dest.stat().st_size != blob.size):
         log.info("downloading %s (%d bytes) to %s", uri, blob.size or 0, dest)
-        download(uri, dest, timeout=timeout)
+        _download_blob(blob, uri, dest, None, timeout)
     return dest
 
 

@@ -95,3 +95,14 @@ def client(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> Iterator:
 
     with running_app(monkeypatch, MODEL_URI=str(checkpoint_path)) as c:
         yield c
+
+
+@pytest.fixture
+def gcs_proxy(gcs, gcs_emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    """``gcs``, with the client talking to the emulator through a fault-injecting proxy
+    (:class:`tests.utils.faultproxy.FaultProxy`) that passes everything through until told otherwise."""
+    from tests.utils.faultproxy import fault_proxy
+
+    with fault_proxy(gcs_emulator) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        yield proxy

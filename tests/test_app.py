@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -504,6 +505,52 @@ def test_busy_server_answers_503(monkeypatch: pytest.MonkeyPatch, checkpoint_pat
         assert client.app.state.limiter.admitted == 0
 
 
+def post_endless_upload(client: TestClient, path: str) -> tuple[int, dict[str, object], int]:
+    """POST an upload at the ASGI level, 64 KiB at a time: (status, JSON body, chunks the app read)."""
+    reads: list[int] = []
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, object]:
+        reads.append(1)  # 3 chunks, then it ends
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": len(reads) < 3}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    assert client.portal is not None
+    client.portal.call(client.app, scope, receive, send)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:])), len(reads)
+
+
+def test_busy_server_refuses_before_reading_the_upload(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+    # A refused client must not have to send its whole upload first (FastAPI parses a multipart
+    # body before the route runs): counted at the ASGI level.
+    env = {"MODEL_URI": str(checkpoint_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "0"}
+    with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(1) as pool:
+        gate = GatedPredictor(client.app.state.predictor)
+        client.app.dependency_overrides[get_predictor] = lambda: gate
+        first = pool.submit(post_image, client, gray_png(), "a.png", False)
+        assert gate.entered.acquire(timeout=60)  # the only slot is taken
+        for path in ("/predict", "/predict/batch"):
+            assert post_endless_upload(client, path) == (503, {"detail": "server busy"}, 0), path
+        gate.release.set()
+        assert first.result().status_code == 200
+
+
 def test_requests_wait_in_a_bounded_queue(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
     env = {"MODEL_URI": str(checkpoint_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "1"}
     with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(2) as pool:
@@ -775,6 +822,8 @@ def test_settings_defaults() -> None:
     assert settings.max_concurrent_inferences == 0
     assert settings.resolved_max_concurrent_inferences() == available_cpus()
     assert settings.max_queue == 64
+    assert (settings.batch_max_size, settings.batch_max_wait_ms, settings.batching) == (32, 0.0, True)
+    assert settings.optimize_model is True
 
 
 @pytest.mark.parametrize(
@@ -832,6 +881,10 @@ def test_empty_model_uri_means_bundled(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MAX_BATCH_FILES", "0"),
         ("MAX_CONCURRENT_INFERENCES", "-1"),
         ("MAX_QUEUE", "-1"),
+        ("BATCH_MAX_SIZE", "0"),
+        ("BATCH_MAX_WAIT_MS", "-1"),
+        ("BATCH_MAX_WAIT_MS", "5000"),
+        ("OPTIMIZE_MODEL", "maybe"),
         ("MODEL_URI", "s3://bucket/model.pt"),
         ("MODEL_URI", "gs:///model.pt"),
     ],

@@ -6,11 +6,13 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
-from bench import data_loading, train_throughput
+from bench import data_loading, soak, train_throughput
 from bench.machine import describe_machine, write_result
 from tests.utils import synthetic
+from tests.utils.service import clean_service_env, write_checkpoint
 
 MACHINE_KEYS = {"cpu_model", "cpus_usable", "memory_gib", "cpu_bf16_fast", "torch_threads", "cuda_device", "torch", "python"}
 
@@ -87,3 +89,57 @@ def test_data_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_data_loading_missing_source(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         data_loading.main(["--data", str(tmp_path / "missing.zip")])
+
+
+def test_soak_classifies_answers() -> None:
+    kinds = soak.request_kinds()
+    crop, photo, empty = kinds["crop"], kinds["photo"], kinds["empty"]
+
+    def answer(status: int, body: object, **headers: str) -> httpx.Response:
+        return httpx.Response(status, json=body, headers=headers)
+
+    assert soak.classify(crop, answer(200, {"faces": [{"emotion": "happy"}]})) == "ok"
+    assert soak.classify(photo, answer(200, {"faces": []})) == "wrong_faces"
+    assert soak.classify(crop, answer(400, {"detail": "corrupt image"})) == "wrong_400"
+    assert soak.classify(empty, answer(400, {"detail": "empty file"})) == "ok"
+    assert soak.classify(empty, answer(400, {"detail": "corrupt image"})) == "wrong_detail"
+    assert soak.classify(empty, answer(200, {"faces": []})) == "wrong_200"
+    assert soak.classify(crop, answer(503, {"detail": "server busy"}, **{"Retry-After": "1"})) == "busy_503"
+    assert soak.classify(crop, answer(503, {"detail": "server busy"})) == "busy_503_without_retry_after"
+    assert soak.classify(crop, answer(503, {"detail": "model not loaded"})) == "status_503"
+    assert soak.classify(crop, answer(500, {"detail": "internal error"})) == "status_500"
+    plan = soak.schedule(kinds, soak.parse_mix("crop=1,photo=0,bad=1"), 400, seed=1)
+    assert plan == soak.schedule(kinds, soak.parse_mix("crop=1,photo=0,bad=1"), 400, seed=1)  # seeded
+    names = {kind.name for kind in plan}
+    assert "photo" not in names and names >= {"crop", "empty", "not_an_image", "truncated_png", "pixel_bomb"}
+    with pytest.raises(Exception, match="weights"):
+        soak.parse_mix("crop=1,video=2")
+
+
+@pytest.mark.slow
+def test_soak_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_service_env(monkeypatch)
+    checkpoint = write_checkpoint(tmp_path / "tiny.pt")
+    out, md = tmp_path / "soak.json", tmp_path / "soak.md"
+    argv = ["--model", str(checkpoint), "--requests", "60", "--concurrency", "4", "--warmup", "6"]
+    argv += ["--overload-requests", "24", "--overload-concurrency", "16", "--overload-queue", "1"]
+    argv += ["--server-env", "TORCH_THREADS=1", "--output", str(out), "--markdown", str(md)]
+    assert soak.main(argv) == 0, md.read_text()
+
+    record = _read(out, "soak")
+    results = record["results"]
+    assert results["passed"] is True and all(results["checks"].values())
+    run = results["soak"]
+    assert run["requests"] == 60 and run["ok"] == 60 and run["unexpected"] == {}
+    assert sum(row["sent"] for row in run["kinds"].values()) == 60
+    assert run["kinds"]["crop"]["latency"]["count"] == run["kinds"]["crop"]["outcomes"]["ok"]
+    server = run["server"]
+    assert server["after_warmup"]["rss_mib"] > 0 and server["end"]["open_fds"] > 0 and server["rss_samples"]
+    assert server["gauges_after"]["fer_inference_admitted"] == 0
+    burst = results["overload"]
+    assert burst["bound"] == 2 and burst["ok"] + burst["busy_503"] == 24 and burst["busy_503"] > 0
+    assert burst["ok"] >= 1 and burst["unexpected"] == {}
+    assert burst["metrics_scrapes"] > 0 and 0 < burst["max_admitted"] <= 2 and burst["admitted_after"] == 0
+    summary = md.read_text()
+    assert "| crop |" in summary and "| check | result |" in summary and "FAIL" not in summary
+    assert summary in capsys.readouterr().out

@@ -3,6 +3,7 @@ bench.fer_baseline that need no fer (fer itself lives in .venv-fer, not in the p
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import sys
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from bench import fer_baseline, service
+from bench import fer_baseline, inference, service, service_configs
 from fercore.labels import CLASS_NAMES
 from tests.utils import synthetic
 from tests.utils.service import clean_service_env, write_checkpoint
@@ -124,3 +125,64 @@ def test_fer_baseline_reads_only_publictest(tmp_path: Path, wrapper: str) -> Non
     subset = fer_baseline.evenly_spaced(members, 3)
     assert len(subset) == 3 and subset[0] == members[0] and subset[-1] == members[-1]
     assert fer_baseline.evenly_spaced(members, None) == members
+
+
+def test_inference_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = write_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "inference.json"
+    argv = ["--model", str(checkpoint), "--threads", "1", "--rounds", "2", "--calls", "2", "--warmup", "1"]
+    argv += ["--batch-sizes", "1,4", "--output", str(out)]
+    assert inference.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "inference" and record["command"].startswith("python -m bench.inference ")
+    results = record["results"]
+    (run,) = results["runs"]
+    assert run["threads"] == 1
+    for variant in ("plain", "optimized"):
+        stats = run[variant]
+        assert min(stats["forward_ms"], stats["preprocess_ms"], stats["postprocess_ms"]) > 0
+        assert set(stats["forward_per_face_ms"]) == {"1", "4"}
+    assert run["calls"]["plain/forward_batch_4"] == 2 * 2  # rounds x max(2, calls // 4)
+    assert set(run["ratio_optimized_to_plain"]["forward_per_face"]) == {"1", "4"}
+    agreement = results["agreement"]
+    assert agreement["crop_max_abs_diff"] <= 1e-5 and agreement["random_faces_max_abs_diff"] <= 1e-5
+    assert agreement["random_faces_same_emotion"]
+    assert "| 1 | optimized / plain |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_service_configs_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_service_env(monkeypatch)
+    checkpoint = write_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "configs.json"
+    argv = ["--model", str(checkpoint), "--config", "off:TORCH_THREADS=1", "--config", "on:TORCH_THREADS=1,BATCH_MAX_SIZE=8"]
+    argv += ["--baseline", "off", "--concurrency", "1,4", "--rounds", "2", "--requests", "8", "--warmup", "1"]
+    argv += ["--output", str(out)]
+    assert service_configs.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "service_configs"
+    results = record["results"]
+    assert results["configs"]["on"]["env"] == {"TORCH_THREADS": "1", "BATCH_MAX_SIZE": "8"}
+    assert results["configs"]["on"]["crop_scores_max_abs_diff"] <= 1e-5
+    levels = {(row["config"], row["image"], row["concurrency"]): row for row in results["levels"]}
+    assert set(levels) == {(c, i, n) for c in ("off", "on") for i in ("crop", "photo") for n in (1, 4)}
+    for row in levels.values():
+        assert row["rounds"] == 2 and row["requests"] == row["ok"] == 16 and row["busy_503"] == row["other_failures"] == 0
+        assert row["latency"]["count"] == 16 and row["server_cpu_ms_per_request"] > 0
+        assert row["faces_per_forward_pass"] >= 1  # the crop and the astronaut: one face each
+    for key in (("off", "crop", 1), ("off", "photo", 4)):
+        assert levels[key]["faces_per_forward_pass"] == 1  # without batching, one request per pass
+        assert levels[key]["vs_baseline"]["throughput"] == 1
+    assert "| crop | 4 | on |" in capsys.readouterr().out
+
+
+def test_service_configs_parse_their_arguments() -> None:
+    assert service_configs.parse_config("a:") == ("a", {})
+    assert service_configs.parse_config("b:X=1, Y=,Z=2") == ("b", {"X": "1", "Y": "", "Z": "2"})
+    for bad in ("no-colon", ":X=1", "c:X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            service_configs.parse_config(bad)
+    with pytest.raises(SystemExit):
+        service_configs.main(["--config", "a:", "--config", "a:X=1"])  # names must be unique
+    with pytest.raises(SystemExit):
+        service_configs.main(["--config", "a:", "--baseline", "b"])

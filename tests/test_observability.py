@@ -12,8 +12,10 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from app import logs
+from app.deps import get_predictor
 from app.logs import SPAN_FIELD, TRACE_FIELD, JsonFormatter, configure_logging
 from app.main import create_app
 from app.settings import ConfigError
@@ -255,10 +258,23 @@ def ancestors(span: Span, spans: dict[bytes, Span]) -> list[bytes]:
     return chain
 
 
+# The parent of each step's span: with micro-batching (the default), the forward pass is a ``batch``
+# span inside the request's ``classify`` span; without it, the steps are children of the request.
+BATCHED_PARENTS = {"decode": "server", "detect_faces": "server", "classify": "server", "batch": "classify"}
+BATCHED_PARENTS |= {"preprocess": "batch", "inference": "batch"}
+UNBATCHED_PARENTS = {"decode": "server", "detect_faces": "server", "preprocess": "server", "inference": "server"}
+
+
+@pytest.mark.parametrize(("batch_max_size", "parents"), [("32", BATCHED_PARENTS), ("1", UNBATCHED_PARENTS)])
 def test_request_span_continues_the_callers_trace(
-    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, otlp_receiver: OtlpReceiver
+    monkeypatch: pytest.MonkeyPatch,
+    checkpoint_path: Path,
+    otlp_receiver: OtlpReceiver,
+    batch_max_size: str,
+    parents: dict[str, str],
 ) -> None:
-    with running_app(monkeypatch, **traced_env(checkpoint_path, otlp_receiver)) as client:
+    env = {**traced_env(checkpoint_path, otlp_receiver), "BATCH_MAX_SIZE": batch_max_size}
+    with running_app(monkeypatch, **env) as client:
         assert client.app.state.tracing.enabled
         r = post_image(client, photo_jpeg("astronaut"), "astronaut.jpg", headers={"traceparent": TRACEPARENT})
         assert r.status_code == 200 and len(r.json()["faces"]) == 1
@@ -268,20 +284,21 @@ def test_request_span_continues_the_callers_trace(
     assert otlp_receiver.paths and set(otlp_receiver.paths) == {"/v1/traces"}
     assert otlp_receiver.service_names() == {"fer-test"}
     spans = otlp_receiver.spans()
-    assert {span.name for span in spans} == {"POST /predict", *STEPS}  # no probe, no per-message ASGI span
+    assert {span.name for span in spans} == {"POST /predict", *STEPS, *parents}  # no probe, no per-message ASGI span
 
     (server,) = [span for span in spans if span.kind == Span.SPAN_KIND_SERVER]
     assert server.name == "POST /predict"
     assert server.trace_id.hex() == TRACE_ID
     assert server.parent_span_id.hex() == CALLER_SPAN_ID
     index = by_id(spans)
-    for name in STEPS:
-        (step,) = [span for span in spans if span.name == name]
+    named = {span.name: span for span in spans if span.kind == Span.SPAN_KIND_INTERNAL}
+    named["server"] = server
+    for name, parent in parents.items():
+        step = named[name]
         assert step.trace_id.hex() == TRACE_ID
-        assert step.kind == Span.SPAN_KIND_INTERNAL
+        assert step.parent_span_id == named[parent].span_id, name  # though run in a worker thread
         chain = ancestors(step, index)
-        assert chain[0] == server.span_id, name  # a child of the request span, though run in a worker thread
-        assert chain[-1].hex() == CALLER_SPAN_ID
+        assert server.span_id in chain and chain[-1].hex() == CALLER_SPAN_ID
         assert server.start_time_unix_nano <= step.start_time_unix_nano <= step.end_time_unix_nano
         assert step.end_time_unix_nano <= server.end_time_unix_nano
     attributes = {(span.name, attr.key): attr.value.int_value for span in spans for attr in span.attributes}
@@ -298,13 +315,72 @@ def test_without_traceparent_the_request_starts_a_trace(
     spans = otlp_receiver.spans()
     (server,) = [span for span in spans if span.kind == Span.SPAN_KIND_SERVER]
     assert server.name == "POST /predict/batch" and server.parent_span_id == b""
-    assert sorted(span.name for span in spans if span.parent_span_id == server.span_id) == [
-        "decode",
-        "decode",
-        "inference",
-        "preprocess",
-    ]  # one decode per file, one forward pass for the batch; detect=false: no detection
+
+    def children(parent: Span) -> list[str]:
+        return sorted(span.name for span in spans if span.parent_span_id == parent.span_id)
+
+    # One decode per file, one forward pass for the batch's faces; detect=false: no detection.
+    assert children(server) == ["classify", "decode", "decode"]
+    (classify,) = [span for span in spans if span.name == "classify"]
+    assert children(classify) == ["batch"]
+    (batch,) = [span for span in spans if span.name == "batch"]
+    assert children(batch) == ["inference", "preprocess"]
     assert {span.trace_id for span in spans} == {server.trace_id}
+
+
+def test_micro_batched_requests_link_to_their_shared_forward_pass(
+    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, otlp_receiver: OtlpReceiver
+) -> None:
+    """Three requests, the last two in one pass: that pass is traced once, in the trace of the
+    first request in it, linked to both requests' ``classify`` spans, which link back to it."""
+    env = {**traced_env(checkpoint_path, otlp_receiver), "BATCH_MAX_SIZE": "8", "MAX_CONCURRENT_INFERENCES": "2"}
+    with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(3) as pool:
+        real = client.app.state.predictor
+        entered, release = threading.Event(), threading.Event()
+
+        class Gated:  # the first pass waits at the gate while the other two requests queue
+            info = real.info
+
+            def predict_faces(self, faces: list) -> list:
+                entered.set()
+                assert release.wait(60), "never released"
+                return real.predict_faces(faces)
+
+        gated = Gated()  # one instance: requests of different predictors never share a pass
+        client.app.dependency_overrides[get_predictor] = lambda: gated
+        first = pool.submit(post_image, client, gray_png(), "first.png", False)
+        assert entered.wait(60)
+        later = [pool.submit(post_image, client, gray_png(), f"{i}.png", False) for i in range(2)]
+        deadline = time.monotonic() + 60
+        while client.app.state.batcher.waiting < 2:
+            assert time.monotonic() < deadline, "the two requests never queued"
+            time.sleep(0.005)
+        release.set()
+        assert [f.result().status_code for f in (first, *later)] == [200, 200, 200]
+    spans = otlp_receiver.spans()
+    index = by_id(spans)
+    servers = [span for span in spans if span.kind == Span.SPAN_KIND_SERVER]
+    assert len(servers) == 3 and len({span.trace_id for span in servers}) == 3  # three requests, three traces
+    classify = {span.trace_id: span for span in spans if span.name == "classify"}
+    batches = [span for span in spans if span.name == "batch"]
+    assert len(classify) == 3 and len(batches) == 2
+    for batch in batches:
+        parent = index[batch.parent_span_id]
+        assert parent.name == "classify" and index[parent.parent_span_id].kind == Span.SPAN_KIND_SERVER
+        linked = {link.span_id for link in batch.links}
+        assert parent.span_id in linked  # its own request among the linked ones
+        for step in ("preprocess", "inference"):
+            (child,) = [span for span in spans if span.name == step and span.parent_span_id == batch.span_id]
+            assert child.trace_id == batch.trace_id
+        size = {attr.key: attr.value.int_value for attr in batch.attributes}
+        assert size["fer.batch_size"] == size["fer.batch_requests"] == len(linked)
+        for request_span in (span for span in classify.values() if span.span_id in linked):
+            assert [link.span_id for link in request_span.links] == [batch.span_id]  # and back
+    shared = max(batches, key=lambda span: len(span.links))
+    assert len(shared.links) == 2
+    other = next(index[link.span_id] for link in shared.links if link.span_id != shared.parent_span_id)
+    assert other.trace_id != shared.trace_id  # the second request's trace reaches the pass by its link
+    assert not [span for span in spans if span.name == "inference" and span.trace_id == other.trace_id]
 
 
 def test_tracing_is_off_by_default(client: TestClient) -> None:

@@ -22,8 +22,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from google.cloud.storage import Bucket
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 from starlette.datastructures import State
 
 from app.main import create_app
@@ -33,7 +31,19 @@ from fercore.checkpoint import make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
 from fercore.storage import publish_run, sha256_file
 from tests.conftest import free_port
-from tests.utils.service import clean_service_env, gray_png, post_image, running_app, write_checkpoint
+from tests.utils.service import (
+    clean_service_env,
+    gray_png,
+    loads,
+    messages,
+    post_image,
+    publish,
+    retry_warnings,
+    running_app,
+    scrape,
+    served_versions,
+    write_checkpoint,
+)
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -48,13 +58,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def prefix(gcs: Bucket) -> str:
     return f"gs://{gcs.name}/models"
-
-
-def publish(prefix: str, tmp_path: Path, run_id: str, seed: int = 0) -> Path:
-    """Publish a tiny checkpoint as run ``run_id`` under ``prefix``; the local file it came from."""
-    model = write_checkpoint(tmp_path / run_id / "model.pt", run_id=run_id, seed=seed)
-    publish_run(prefix, run_id, {"model.pt": model}, metrics={"val_accuracy": 0.5})
-    return model
 
 
 def publish_broken(prefix: str, tmp_path: Path, gcs: Bucket, run_id: str, how: str) -> None:
@@ -89,39 +92,6 @@ def state(client: TestClient) -> State:
     app = client.app
     assert isinstance(app, FastAPI)
     return app.state
-
-
-def scrape(client: TestClient) -> dict[str, list[Sample]]:
-    text = client.get("/metrics").text
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
-
-
-def value(samples: dict[str, list[Sample]], family: str, name: str, **labels: str) -> float:
-    (sample,) = [s for s in samples[family] if s.name == name and labels.items() <= s.labels.items()]
-    return sample.value
-
-
-def loads(client: TestClient) -> tuple[float, float, float]:
-    """(successful loads, failed loads, retried attempts) from ``/metrics``."""
-    metrics = scrape(client)
-    return (
-        value(metrics, "fer_model_loads", "fer_model_loads_total", result="success"),
-        value(metrics, "fer_model_loads", "fer_model_loads_total", result="failure"),
-        value(metrics, "fer_model_load_retries", "fer_model_load_retries_total"),
-    )
-
-
-def served_versions(client: TestClient) -> list[str]:
-    """The ``version`` label of every ``fer_model_info`` series: one, the model being served."""
-    return [s.labels["version"] for s in scrape(client)["fer_model_info"]]
-
-
-def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    return [rec.getMessage() for rec in caplog.records if rec.levelno == level]
-
-
-def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [m for m in messages(caplog, logging.WARNING) if "retrying in" in m]
 
 
 @pytest.fixture
@@ -339,14 +309,17 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
             return classify(faces)
 
         old.predict_faces = held
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             in_flight = pool.submit(post_image, client, gray_png(), detect=False)
             assert started.wait(30)
             publish(prefix, tmp_path, "run-2", seed=1)
             assert client.post("/admin/reload", headers=AUTH).json()["reloaded"] is True
-            assert post_image(client, gray_png(), detect=False).json()["model"]["version"] == "run-2"
+            # Sent while the old model's pass is held: with micro-batching (one forward pass at a
+            # time) it is classified once that pass is done, by the new model.
+            after = pool.submit(post_image, client, gray_png(), detect=False)
             release.set()
             r = in_flight.result(timeout=30)
+            assert after.result(timeout=30).json()["model"]["version"] == "run-2"
         assert r.status_code == 200 and r.json()["model"]["version"] == "run-1"
 
 

@@ -10,7 +10,11 @@ from app.deps import MetricsDep
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+# Both bodies choose_encoder may answer with, so a scraper's Accept never gets an undocumented type.
+_CONTENT: dict[str, dict[str, object]] = {"text/plain": {}, "application/openmetrics-text": {}}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": _CONTENT}})
 async def get_metrics(request: Request, metrics: MetricsDep) -> Response:
     """Prometheus text format (OpenMetrics when the scraper asks for it): requests, latencies, queue
     wait and inference time, batch sizes, faces per image, predictions by emotion, the served model."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
 
-from app.deps import DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
+from app.batching import MicroBatcher
+from app.concurrency import InferenceLimiter
+from app.deps import BatcherDep, DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
 from app.errors import (
     CorruptImage,
     EmptyFile,
@@ -21,9 +24,10 @@ from app.errors import (
     TooManyFiles,
     UnsupportedImage,
 )
-from app.faces import Box, FaceDetector, crop_faces
+from app.faces import Box, FaceDetector, crop_faces, whole_image_crop
 from app.images import decode_image
-from app.model import Predictor
+from app.metrics import Metrics
+from app.model import Prediction, Predictor
 from app.schemas import BatchResponse, ErrorBody, Face, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
 
 router = APIRouter(tags=["predict"])
@@ -57,6 +61,8 @@ _ERRORS = _error_docs(
 )
 _BATCH_ERRORS = _error_docs(
     {
+        # The files' own errors are in the results; a body the multipart parser cannot read is the request's.
+        400: ("malformed multipart body (the parser's message in `detail`)", []),
         413: (
             "too many files (over MAX_BATCH_FILES), or the request body too large",
             [TooManyFiles.message, PayloadTooLarge.message],
@@ -77,6 +83,7 @@ async def predict(
     predictor: PredictorDep,
     detector: DetectorDep,
     limiter: LimiterDep,
+    batcher: BatcherDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     tracer: TracerDep,
@@ -94,7 +101,8 @@ async def predict(
     """
     limiter.raise_if_full()
     data = await read_upload(file, settings.max_upload_bytes)
-    faces = await limiter.run(classify_image, predictor, detector if detect else None, data, settings.max_image_pixels, tracer)
+    pipeline = FacePipeline(limiter, batcher, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
+    faces = await pipeline.image(data)
     metrics.observe_images([[face.emotion for face in faces]])
     return PredictResponse(faces=faces, model=ModelRef.from_info(predictor.info))
 
@@ -105,6 +113,7 @@ async def predict_batch(
     predictor: PredictorDep,
     detector: DetectorDep,
     limiter: LimiterDep,
+    batcher: BatcherDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     tracer: TracerDep,
@@ -116,15 +125,15 @@ async def predict_batch(
     request: its result carries `error` with the status and detail `POST /predict` would
     have answered, and the other files are still classified. Too many files is a 413
     (`"too many files"`) for the whole request. The batch takes one inference slot, and all
-    its faces are classified in one forward pass. `detect` works as for `POST /predict`.
+    its faces are classified in one forward pass (shared with other requests' faces when the
+    service micro-batches). `detect` works as for `POST /predict`.
     """
     if len(files) > settings.max_batch_files:
         raise TooManyFiles()
     limiter.raise_if_full()
     uploads = [await read_upload_or_error(file, settings.max_upload_bytes) for file in files]
-    outcomes = await limiter.run(
-        classify_uploads, predictor, detector if detect else None, uploads, settings.max_image_pixels, tracer
-    )
+    pipeline = FacePipeline(limiter, batcher, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
+    outcomes = await pipeline.uploads(uploads)
     metrics.observe_images([[face.emotion for face in outcome] for outcome in outcomes if not isinstance(outcome, ServiceError)])
     results: list[FileFaces | FileFailure] = [
         FileFailure(filename=file.filename, error=FileError(status=outcome.status_code, detail=outcome.detail))
@@ -157,13 +166,54 @@ async def read_upload_or_error(file: UploadFile, max_bytes: int) -> bytes | Serv
         return exc
 
 
+@dataclass(frozen=True)
+class FacePipeline:
+    """Where a request's steps run: decode and detection in an inference slot of ``limiter``;
+    classification in that same slot, or, with a ``batcher``, in a forward pass shared with other
+    requests, the request still admitted (counted against the limiter's bound) while it waits."""
+
+    limiter: InferenceLimiter
+    batcher: MicroBatcher | None
+    metrics: Metrics
+    predictor: Predictor
+    detector: FaceDetector | None  # None: each image is one face crop
+    max_pixels: int
+    tracer: Tracer
+
+    async def image(self, data: bytes) -> list[Face]:
+        """The faces in one image; a bad image raises its :class:`ServiceError`."""
+        if self.batcher is None:
+            faces = await self.limiter.run(classify_image, self.predictor, self.detector, data, self.max_pixels, self.tracer)
+            self.metrics.observe_forward_pass(len(faces))
+            return faces
+        async with self.limiter.admit():
+            boxes, crops = await self.limiter.run_admitted(locate_image, self.detector, data, self.max_pixels, self.tracer)
+            predictions = await self.batcher.predict(self.predictor, crops)
+        return to_faces(boxes, predictions)
+
+    async def uploads(self, uploads: Sequence[bytes | ServiceError]) -> list[list[Face] | ServiceError]:
+        """The faces in each upload, all classified in one forward pass; errors stay in their place."""
+        if self.batcher is None:
+            outcomes = await self.limiter.run(
+                classify_uploads, self.predictor, self.detector, uploads, self.max_pixels, self.tracer
+            )
+            self.metrics.observe_forward_pass(sum(len(item) for item in outcomes if not isinstance(item, ServiceError)))
+            return outcomes
+        async with self.limiter.admit():
+            located = await self.limiter.run_admitted(locate_uploads, self.detector, uploads, self.max_pixels, self.tracer)
+            predictions = await self.batcher.predict(self.predictor, crops_of(located))
+        return assign(located, predictions)
+
+
+Located = tuple[list[Box], list[Image.Image]]  # the face boxes in an image and the crops to classify
+
+
 def classify_image(
     predictor: Predictor, detector: FaceDetector | None, data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER
 ) -> list[Face]:
     """Decode, find the faces (or take the whole image when ``detector`` is None), classify them."""
-    boxes, crops = locate_faces(decode(data, max_pixels, tracer), detector, tracer)
-    predictions = predictor.predict_faces(crops) if crops else []
-    return [Face(box=box, **prediction) for box, prediction in zip(boxes, predictions, strict=True)]
+    boxes, crops = locate_image(detector, data, max_pixels, tracer)
+    return to_faces(boxes, predictor.predict_faces(crops) if crops else [])
 
 
 def classify_uploads(
@@ -177,20 +227,45 @@ def classify_uploads(
 
     An upload that is already an error, or fails to decode, stays an error in its place.
     """
-    located: list[tuple[list[Box], list[Image.Image]] | ServiceError] = []
+    located = locate_uploads(detector, uploads, max_pixels, tracer)
+    crops = crops_of(located)
+    return assign(located, predictor.predict_faces(crops) if crops else [])
+
+
+def locate_image(detector: FaceDetector | None, data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER) -> Located:
+    """Decode ``data`` and find its faces: everything before classification."""
+    return locate_faces(decode(data, max_pixels, tracer), detector, tracer)
+
+
+def locate_uploads(
+    detector: FaceDetector | None, uploads: Sequence[bytes | ServiceError], max_pixels: int, tracer: Tracer = NO_TRACER
+) -> list[Located | ServiceError]:
+    """:func:`locate_image` for each upload; an upload that is an error, or fails to decode, stays one."""
+    located: list[Located | ServiceError] = []
     for upload in uploads:
         if isinstance(upload, ServiceError):
             located.append(upload)
             continue
         try:
-            located.append(locate_faces(decode(upload, max_pixels, tracer), detector, tracer))
+            located.append(locate_image(detector, upload, max_pixels, tracer))
         except ServiceError as exc:
             located.append(exc)
-    crops = [crop for item in located if not isinstance(item, ServiceError) for crop in item[1]]
-    predictions = iter(predictor.predict_faces(crops) if crops else [])
-    return [
-        item if isinstance(item, ServiceError) else [Face(box=box, **next(predictions)) for box in item[0]] for item in located
-    ]
+    return located
+
+
+def crops_of(located: Sequence[Located | ServiceError]) -> list[Image.Image]:
+    """Every crop to classify, in upload order."""
+    return [crop for item in located if not isinstance(item, ServiceError) for crop in item[1]]
+
+
+def to_faces(boxes: Sequence[Box], predictions: Sequence[Prediction]) -> list[Face]:
+    return [Face(box=box, **prediction) for box, prediction in zip(boxes, predictions, strict=True)]
+
+
+def assign(located: Sequence[Located | ServiceError], predictions: Sequence[Prediction]) -> list[list[Face] | ServiceError]:
+    """Each upload's faces from its boxes and its share of ``predictions`` (:func:`crops_of`'s order)."""
+    remaining = iter(predictions)
+    return [item if isinstance(item, ServiceError) else [Face(box=box, **next(remaining)) for box in item[0]] for item in located]
 
 
 def decode(data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER) -> Image.Image:
@@ -208,7 +283,7 @@ def locate_faces(
     """The face boxes in ``image`` and the crops to classify; without a detector, the whole image."""
     if detector is None:
         width, height = image.size
-        return [(0, 0, width, height)], [image]
+        return [(0, 0, width, height)], [whole_image_crop(image)]  # shrunk: see whole_image_crop
     with tracer.start_as_current_span("detect_faces") as span:
         boxes = detector.detect(image)
         span.set_attribute("fer.faces", len(boxes))

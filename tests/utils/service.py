@@ -1,10 +1,11 @@
-"""Helpers for tests of the service (app/): a tiny real checkpoint, the app run under
-``TestClient`` with a given environment or under a real uvicorn process, images made in code,
-and the upload calls."""
+"""Helpers for tests of the service (app/): a tiny real checkpoint (and a run published with it),
+the app run under ``TestClient`` with a given environment or under a real uvicorn process, images
+made in code, the upload calls, and what ``/metrics`` and the logs say about model loads."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -19,10 +20,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from app.main import create_app
 from fercore.checkpoint import make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
+from fercore.storage import publish_run
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +40,9 @@ SETTINGS_ENV = (
     "MAX_BATCH_FILES",
     "MAX_CONCURRENT_INFERENCES",
     "MAX_QUEUE",
+    "BATCH_MAX_SIZE",
+    "BATCH_MAX_WAIT_MS",
+    "OPTIMIZE_MODEL",
     "MODEL_LOAD_RETRIES",
     "MODEL_LOAD_BACKOFF_S",
     "GCS_TIMEOUT_S",
@@ -43,6 +50,7 @@ SETTINGS_ENV = (
     "BUNDLED_MODEL_PATH",
     "RELOAD_INTERVAL_S",
     "ADMIN_TOKEN",
+    "SHUTDOWN_TIMEOUT_S",
 )
 
 
@@ -66,6 +74,13 @@ def write_checkpoint(path: Path, run_id: str = "test-run", seed: int = 0) -> Pat
     return path
 
 
+def publish(prefix: str, tmp_path: Path, run_id: str, seed: int = 0) -> Path:
+    """Publish a tiny checkpoint as run ``run_id`` under ``prefix``; the local file it came from."""
+    model = write_checkpoint(tmp_path / run_id / "model.pt", run_id=run_id, seed=seed)
+    publish_run(prefix, run_id, {"model.pt": model}, metrics={"val_accuracy": 0.5})
+    return model
+
+
 @contextmanager
 def running_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestClient]:
     """A new app, created with ``env`` set, its lifespan running for the ``with`` block."""
@@ -83,6 +98,23 @@ def uvicorn_server(log_path: Path, ready_timeout: float = 90.0, **env: str) -> I
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--log-level", "warning"]
+    with _serving(command, port, log_path, ready_timeout, env) as (base, _):
+        yield base
+
+
+@contextmanager
+def serve_process(log_path: Path, ready_timeout: float = 90.0, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The service image's entry point, ``python -m app.serve``, on a free ``PORT``: as
+    :func:`uvicorn_server`, and the process is yielded too (to be signalled)."""
+    port = free_port()
+    with _serving([sys.executable, "-m", "app.serve"], port, log_path, ready_timeout, {**env, "PORT": str(port)}) as served:
+        yield served
+
+
+@contextmanager
+def _serving(
+    command: list[str], port: int, log_path: Path, ready_timeout: float, env: dict[str, str]
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT)
@@ -97,9 +129,10 @@ def uvicorn_server(log_path: Path, ready_timeout: float = 90.0, **env: str) -> I
                     pass
                 assert time.monotonic() < deadline, f"the server did not become ready in {ready_timeout:.0f} s"
                 time.sleep(0.2)
-            yield base
+            yield base, proc
         finally:
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -141,3 +174,40 @@ def post_batch(client: TestClient, files: Sequence[tuple[str, bytes]], detect: b
     params = {} if detect is None else {"detect": str(detect).lower()}
     parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
     return client.post("/predict/batch", files=parts, params=params)
+
+
+# --- what the service says about its model ------------------------------------------------------
+
+
+def scrape(client: httpx.Client) -> dict[str, list[Sample]]:
+    """``/metrics`` of the app behind ``client`` (a ``TestClient`` or a client of a real server)."""
+    text = client.get("/metrics").text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(samples: dict[str, list[Sample]], family: str, name: str, **labels: str) -> float:
+    (sample,) = [s for s in samples[family] if s.name == name and labels.items() <= s.labels.items()]
+    return sample.value
+
+
+def loads(client: httpx.Client) -> tuple[float, float, float]:
+    """(successful loads, failed loads, retried attempts) from ``/metrics``."""
+    metrics = scrape(client)
+    return (
+        value(metrics, "fer_model_loads", "fer_model_loads_total", result="success"),
+        value(metrics, "fer_model_loads", "fer_model_loads_total", result="failure"),
+        value(metrics, "fer_model_load_retries", "fer_model_load_retries_total"),
+    )
+
+
+def served_versions(client: httpx.Client) -> list[str]:
+    """The ``version`` label of every ``fer_model_info`` series: one, the model being served."""
+    return [s.labels["version"] for s in scrape(client)["fer_model_info"]]
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [rec.getMessage() for rec in caplog.records if rec.levelno == level]
+
+
+def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in messages(caplog, logging.WARNING) if "retrying in" in m]
