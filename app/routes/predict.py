@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query, UploadFile
 from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
 
@@ -77,9 +77,50 @@ DetectParam = Annotated[
 ]
 
 
-@router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
-async def predict(
-    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")],
+@dataclass(frozen=True)
+class FacePipeline:
+    """Where a request's steps run: decode and detection in an inference slot of ``limiter``;
+    classification in that same slot, or, with a ``batcher``, in a forward pass shared with other
+    requests, the request still admitted (counted against the limiter's bound) while it waits."""
+
+    limiter: InferenceLimiter
+    batcher: MicroBatcher | None
+    metrics: Metrics
+    predictor: Predictor
+    detector: FaceDetector | None  # None: each image is one face crop
+    max_pixels: int
+    tracer: Tracer
+
+    async def image(self, data: bytes) -> list[Face]:
+        """The faces in one image; a bad image raises its :class:`ServiceError`."""
+        faces: list[Face]
+        if self.batcher is None:
+            faces = await self.limiter.run(classify_image, self.predictor, self.detector, data, self.max_pixels, self.tracer)
+            self.metrics.observe_forward_pass(len(faces))
+        else:
+            async with self.limiter.admit():
+                boxes, crops = await self.limiter.run_admitted(locate_image, self.detector, data, self.max_pixels, self.tracer)
+                faces = to_faces(boxes, await self.batcher.predict(self.predictor, crops))
+        self.metrics.observe_images([[face.emotion for face in faces]])
+        return faces
+
+    async def uploads(self, uploads: Sequence[bytes | ServiceError]) -> list[list[Face] | ServiceError]:
+        """The faces in each upload, all classified in one forward pass; errors stay in their place."""
+        outcomes: list[list[Face] | ServiceError]
+        if self.batcher is None:
+            outcomes = await self.limiter.run(
+                classify_uploads, self.predictor, self.detector, uploads, self.max_pixels, self.tracer
+            )
+            self.metrics.observe_forward_pass(sum(len(item) for item in outcomes if not isinstance(item, ServiceError)))
+        else:
+            async with self.limiter.admit():
+                located = await self.limiter.run_admitted(locate_uploads, self.detector, uploads, self.max_pixels, self.tracer)
+                outcomes = assign(located, await self.batcher.predict(self.predictor, crops_of(located)))
+        self.metrics.observe_images([[face.emotion for face in item] for item in outcomes if not isinstance(item, ServiceError)])
+        return outcomes
+
+
+def face_pipeline(
     predictor: PredictorDep,
     detector: DetectorDep,
     limiter: LimiterDep,
@@ -88,6 +129,17 @@ async def predict(
     metrics: MetricsDep,
     tracer: TracerDep,
     detect: DetectParam = True,
+) -> FacePipeline:
+    """The request's pipeline: the app's parts, and the ``detect`` query parameter of both routes."""
+    return FacePipeline(limiter, batcher, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
+
+
+PipelineDep = Annotated[FacePipeline, Depends(face_pipeline)]
+
+
+@router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
+async def predict(
+    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")], pipeline: PipelineDep, settings: SettingsDep
 ) -> PredictResponse:
     """Find the faces in an image and classify the facial expression of each.
 
@@ -99,25 +151,16 @@ async def predict(
     With `detect=false` the whole image is classified as one face crop, for images that are
     face crops already; its `box` is then the whole image.
     """
-    limiter.raise_if_full()
-    data = await read_upload(file, settings.max_upload_bytes)
-    pipeline = FacePipeline(limiter, batcher, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
-    faces = await pipeline.image(data)
-    metrics.observe_images([[face.emotion for face in faces]])
-    return PredictResponse(faces=faces, model=ModelRef.from_info(predictor.info))
+    # A full server has answered 503 already, before reading the upload (app.concurrency.RefuseWhenFull).
+    faces = await pipeline.image(await read_upload(file, settings.max_upload_bytes))
+    return PredictResponse(faces=faces, model=ModelRef.from_info(pipeline.predictor.info))
 
 
 @router.post("/predict/batch", response_model=BatchResponse, responses=_BATCH_ERRORS)
 async def predict_batch(
     files: Annotated[list[UploadFile], File(description=f"images: {FORMATS}; at most MAX_BATCH_FILES (default 16)")],
-    predictor: PredictorDep,
-    detector: DetectorDep,
-    limiter: LimiterDep,
-    batcher: BatcherDep,
+    pipeline: PipelineDep,
     settings: SettingsDep,
-    metrics: MetricsDep,
-    tracer: TracerDep,
-    detect: DetectParam = True,
 ) -> BatchResponse:
     """Find and classify the faces in each of several images: one result per file, in upload order.
 
@@ -130,18 +173,15 @@ async def predict_batch(
     """
     if len(files) > settings.max_batch_files:
         raise TooManyFiles()
-    limiter.raise_if_full()
     uploads = [await read_upload_or_error(file, settings.max_upload_bytes) for file in files]
-    pipeline = FacePipeline(limiter, batcher, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
     outcomes = await pipeline.uploads(uploads)
-    metrics.observe_images([[face.emotion for face in outcome] for outcome in outcomes if not isinstance(outcome, ServiceError)])
     results: list[FileFaces | FileFailure] = [
         FileFailure(filename=file.filename, error=FileError(status=outcome.status_code, detail=outcome.detail))
         if isinstance(outcome, ServiceError)
         else FileFaces(filename=file.filename, faces=outcome)
         for file, outcome in zip(files, outcomes, strict=True)
     ]
-    return BatchResponse(results=results, model=ModelRef.from_info(predictor.info))
+    return BatchResponse(results=results, model=ModelRef.from_info(pipeline.predictor.info))
 
 
 async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
@@ -164,45 +204,6 @@ async def read_upload_or_error(file: UploadFile, max_bytes: int) -> bytes | Serv
         return await read_upload(file, max_bytes)
     except ServiceError as exc:
         return exc
-
-
-@dataclass(frozen=True)
-class FacePipeline:
-    """Where a request's steps run: decode and detection in an inference slot of ``limiter``;
-    classification in that same slot, or, with a ``batcher``, in a forward pass shared with other
-    requests, the request still admitted (counted against the limiter's bound) while it waits."""
-
-    limiter: InferenceLimiter
-    batcher: MicroBatcher | None
-    metrics: Metrics
-    predictor: Predictor
-    detector: FaceDetector | None  # None: each image is one face crop
-    max_pixels: int
-    tracer: Tracer
-
-    async def image(self, data: bytes) -> list[Face]:
-        """The faces in one image; a bad image raises its :class:`ServiceError`."""
-        if self.batcher is None:
-            faces = await self.limiter.run(classify_image, self.predictor, self.detector, data, self.max_pixels, self.tracer)
-            self.metrics.observe_forward_pass(len(faces))
-            return faces
-        async with self.limiter.admit():
-            boxes, crops = await self.limiter.run_admitted(locate_image, self.detector, data, self.max_pixels, self.tracer)
-            predictions = await self.batcher.predict(self.predictor, crops)
-        return to_faces(boxes, predictions)
-
-    async def uploads(self, uploads: Sequence[bytes | ServiceError]) -> list[list[Face] | ServiceError]:
-        """The faces in each upload, all classified in one forward pass; errors stay in their place."""
-        if self.batcher is None:
-            outcomes = await self.limiter.run(
-                classify_uploads, self.predictor, self.detector, uploads, self.max_pixels, self.tracer
-            )
-            self.metrics.observe_forward_pass(sum(len(item) for item in outcomes if not isinstance(item, ServiceError)))
-            return outcomes
-        async with self.limiter.admit():
-            located = await self.limiter.run_admitted(locate_uploads, self.detector, uploads, self.max_pixels, self.tracer)
-            predictions = await self.batcher.predict(self.predictor, crops_of(located))
-        return assign(located, predictions)
 
 
 Located = tuple[list[Box], list[Image.Image]]  # the face boxes in an image and the crops to classify
