@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from app.main import create_app
+from bench.service import stop
 from fercore.checkpoint import make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
 from fercore.storage import publish_run
@@ -131,13 +132,7 @@ def _serving(
                 time.sleep(0.2)
             yield base, proc
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
