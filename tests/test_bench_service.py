@@ -155,7 +155,14 @@ def test_service_configs_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     clean_service_env(monkeypatch)
     checkpoint = write_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "configs.json"
-    argv = ["--model", str(checkpoint), "--config", "off:TORCH_THREADS=1", "--config", "on:TORCH_THREADS=1,BATCH_MAX_SIZE=8"]
+    argv = [
+        "--model",
+        str(checkpoint),
+        "--config",
+        "off:TORCH_THREADS=1,BATCH_MAX_SIZE=1",
+        "--config",
+        "on:TORCH_THREADS=1,BATCH_MAX_SIZE=8",
+    ]
     argv += ["--baseline", "off", "--concurrency", "1,4", "--rounds", "2", "--requests", "8", "--warmup", "1"]
     argv += ["--output", str(out)]
     assert service_configs.main(argv) == 0
