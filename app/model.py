@@ -168,14 +168,23 @@ class Predictor:
         if not faces:
             return []
         with self.tracer.start_as_current_span("preprocess", attributes={"fer.faces": len(faces)}):
-            crops = np.stack([prepare_face(face, self.spec) for face in faces])  # uint8 (N, S, S)
-            x = normalize(torch.from_numpy(crops), self.spec).contiguous(memory_format=torch.channels_last)  # (N, 1, S, S)
-        with self.tracer.start_as_current_span("inference", attributes={"fer.batch_size": len(faces)}), torch.inference_mode():
-            logits = self.model(x)  # (N, num_classes)
-            if logits.shape != (len(faces), len(self.classes)):
-                raise ValueError(f"model output shape {tuple(logits.shape)} does not fit {len(self.classes)} classes")
-            probs = torch.softmax(logits.float(), dim=1)
+            x = self.inputs(faces)
+        with self.tracer.start_as_current_span("inference", attributes={"fer.batch_size": len(faces)}):
+            probs = self.probabilities(x)
         return [self._postprocess(row) for row in probs.tolist()]
+
+    def inputs(self, faces: Sequence[Image.Image]) -> np.ndarray:
+        """The model input for ``faces``: float32 (N, 1, S, S), preprocessed with the model's spec."""
+        crops = np.stack([prepare_face(face, self.spec) for face in faces])  # uint8 (N, S, S)
+        return normalize(torch.from_numpy(crops), self.spec).numpy()
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities, float32 (N, num_classes), for model input ``x`` (see :meth:`inputs`)."""
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))  # (N, num_classes)
+            if logits.shape != (len(x), len(self.classes)):
+                raise ValueError(f"model output shape {tuple(logits.shape)} does not fit {len(self.classes)} classes")
+            return torch.softmax(logits.float(), dim=1).numpy()
 
     def _postprocess(self, probs: list[float]) -> Prediction:
         best = max(range(len(probs)), key=probs.__getitem__)
