@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from google.cloud.storage import Blob, Client
@@ -113,25 +115,37 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_bytes(uri: str | Path, data: bytes) -> None:
-    """Write ``data`` to a local path (temp + rename) or a GCS object."""
-    if is_gcs(uri):
-        bucket, name = split_gcs(str(uri))
-        gcs_client().bucket(bucket).blob(name).upload_from_string(data)
-        return
-    path = Path(uri)
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at ``path`` whole, or not at all.
+
+    It is a temp file in the same folder, fsynced and renamed over ``path`` when the block ends
+    without an exception (else removed): a reader, or a process killed mid-write, sees the old file
+    or the new one, never half of one. Readable by other users (a model is read by the service's).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are read by other users
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(uri: str | Path, data: bytes) -> None:
+    """Write ``data`` to a local path (:func:`atomic_write`) or a GCS object."""
+    if is_gcs(uri):
+        bucket, name = split_gcs(str(uri))
+        gcs_client().bucket(bucket).blob(name).upload_from_string(data)
+        return
+    with atomic_write(uri) as f:
+        f.write(data)
 
 
 def upload_file(src: str | Path, uri: str | Path) -> None:

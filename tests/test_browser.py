@@ -17,7 +17,7 @@ from PIL import Image
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from fercore.labels import CLASS_NAMES
-from tests.utils.service import clean_service_env, encode, face_pixels, uvicorn_server, write_checkpoint
+from tests.utils.service import clean_service_env, encode, face_pixels, uvicorn_server, write_model
 
 pytestmark = pytest.mark.browser
 
@@ -63,7 +63,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
     clean_service_env(monkeypatch)
-    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    checkpoint = write_model(tmp_path / "model.pt")
     with uvicorn_server(tmp_path / "uvicorn.log", MODEL_URI=str(checkpoint)) as base:
         yield base
 
