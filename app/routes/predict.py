@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Query, UploadFile
 from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
 
+from app import explain as explaining
 from app.batching import MicroBatcher
 from app.concurrency import InferenceLimiter
 from app.deps import BatcherDep, DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
@@ -24,11 +25,11 @@ from app.errors import (
     TooManyFiles,
     UnsupportedImage,
 )
-from app.faces import Box, FaceDetector, crop_faces, whole_image_crop
+from app.faces import CROP_MARGIN, Box, FaceDetector, crop_faces, expand_box, whole_image_crop
 from app.images import decode_image
 from app.metrics import Metrics
 from app.model import Prediction, Predictor
-from app.schemas import BatchResponse, ErrorBody, Face, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
+from app.schemas import BatchResponse, ErrorBody, Explanation, Face, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
 
 router = APIRouter(tags=["predict"])
 
@@ -136,10 +137,21 @@ def face_pipeline(
 
 PipelineDep = Annotated[FacePipeline, Depends(face_pipeline)]
 
+ExplainParam = Annotated[
+    bool,
+    Query(
+        description=f"add to each face (at most {explaining.MAX_EXPLAINED_FACES}, the largest) `explanation`: where the model"
+        f" looked, as an occlusion heatmap over the face crop; costs {explaining.GRID**2 + 1} model inputs per face, in one batch"
+    ),
+]
+
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict(
-    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")], pipeline: PipelineDep, settings: SettingsDep
+    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")],
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    explain: ExplainParam = False,
 ) -> PredictResponse:
     """Find the faces in an image and classify the facial expression of each.
 
@@ -150,9 +162,16 @@ async def predict(
 
     With `detect=false` the whole image is classified as one face crop, for images that are
     face crops already; its `box` is then the whole image.
+
+    With `explain=true`, each of the (at most 4) largest faces also gets `explanation`: a heatmap
+    of where the model looked (occlusion sensitivity: see `method`, `forward_passes`).
     """
     # A full server has answered 503 already, before reading the upload (app.concurrency.RefuseWhenFull).
-    faces = await pipeline.image(await read_upload(file, settings.max_upload_bytes))
+    data = await read_upload(file, settings.max_upload_bytes)
+    faces = await pipeline.image(data)
+    if explain and faces:
+        detected = pipeline.detector is not None
+        faces = await pipeline.limiter.run(explain_faces, pipeline.predictor, data, faces, detected, pipeline.max_pixels)
     return PredictResponse(faces=faces, model=ModelRef.from_info(pipeline.predictor.info))
 
 
@@ -289,3 +308,30 @@ def locate_faces(
         boxes = detector.detect(image)
         span.set_attribute("fer.faces", len(boxes))
     return boxes, crop_faces(image, boxes)
+
+
+def explain_faces(predictor: Predictor, data: bytes, faces: list[Face], detected: bool, max_pixels: int) -> list[Face]:
+    """``faces`` with an explanation for each of the largest :data:`~app.explain.MAX_EXPLAINED_FACES`.
+
+    The image is decoded again and cropped at the faces' own boxes, as :func:`locate_faces` did:
+    the same crops, without a second detection.
+    """
+    image = decode_image(data, max_pixels)
+    chosen = explaining.largest([face.box for face in faces])
+    if detected:
+        regions = [expand_box(faces[i].box, CROP_MARGIN, *image.size) for i in chosen]
+        crops = crop_faces(image, [faces[i].box for i in chosen])
+    else:  # the whole image was the one crop
+        regions, crops = [(0, 0, *image.size)], [whole_image_crop(image)]
+    explained = list(faces)
+    for i, region, heatmap in zip(chosen, regions, explaining.explain(predictor, crops), strict=True):
+        explanation = Explanation(
+            method=explaining.METHOD,
+            emotion=predictor.classes[heatmap.class_index],
+            png=heatmap.png_base64(),
+            box=region,
+            forward_passes=explaining.GRID**2 + 1,
+            max_drop=heatmap.max_drop,
+        )
+        explained[i] = faces[i].model_copy(update={"explanation": explanation})
+    return explained
