@@ -215,7 +215,8 @@ def page(browser: Browser, server: str) -> Iterator[Page]:
     context.set_default_timeout(TIMEOUT_MS)
     context.on("request", lambda request: requested.append(request.url))
     page = context.new_page()
-    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+    # A CSP violation is reported as a console error "Refused to ..."; an uncaught error as a pageerror.
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" and "Refused to" in msg.text else None)
     page.on("pageerror", lambda error: problems.append(str(error)))
     try:
         page.goto(server + "/", wait_until="load")
