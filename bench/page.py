@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Browser, Page, ViewportSize
 
 from app.settings import BUNDLED_MODEL
 from bench.machine import RESULTS_DIR, command_line, write_result
@@ -47,7 +48,7 @@ from tests.utils.photos import photo, photo_jpeg
 log = logging.getLogger(__name__)
 
 CAMERA_REGION = (40, 0, 360, 240)  # the astronaut's head and shoulders, 4:3 (as tests/test_page.py)
-VIEWPORT = {"width": 1200, "height": 900}
+VIEWPORT: ViewportSize = {"width": 1200, "height": 900}
 TIMEOUT_MS = 60_000
 CAMERA_FPS = 10
 
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    load_before = os.getloadavg()
     executable = find_chromium()
     if executable is None:
         raise SystemExit("no Chromium: apt-get install chromium")
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["screenshots"] = screenshots(browser, server.base_url, args.screenshots)
     results["settings"] = {
         "model": str(args.model),
+        # Other work on this 2-core machine (a training run, other tests) slows browser and service alike.
+        "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()},
         "camera": f"Chromium fake camera, 640x480 at {CAMERA_FPS} frames/s (the page sends frames of at most 320 px)",
         "browser": executable,
         "duration_s": args.duration,
