@@ -31,7 +31,7 @@ from PIL import Image
 METHOD = "occlusion"
 GRID = 6  # patch positions per side: GRID**2 occluded copies + 1 unoccluded per face
 PATCH_FRACTION = 0.4  # patch side as a fraction of the input side: patches overlap, the map is smooth
-MIN_SCALE = 0.05  # a drop this large or larger is drawn fully hot
+MIN_SCALE = 0.01  # a drop this large or larger is drawn fully hot; under it, noise is not blown up
 # A request explains at most this many faces (the largest): GRID**2 + 1 model inputs each, so
 # an explanation costs at most 4 * 37 = 148 model inputs, in one forward pass.
 MAX_EXPLAINED_FACES = 4

@@ -36,7 +36,7 @@ class Explanation(BaseModel):
         le=1.0,
         examples=[0.16],
         description="share of `emotion`'s probability lost when the most telling region is hidden; the PNG is scaled so that"
-        " region is fully hot (unless under 0.05: then the map stays faint)",
+        " region is fully hot (unless under 0.01: then the map stays faint)",
     )
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 from playwright.sync_api import Browser, Page, ViewportSize
 
 from app.settings import BUNDLED_MODEL
@@ -147,12 +148,14 @@ def api_latency(base_url: str, requests: int) -> dict[str, Any]:
 
 
 def screenshots(browser: Browser, base_url: str, folder: Path) -> list[str]:
-    """The three modes: a photo, the webcam, a photo with its heatmap."""
+    """The three modes: a photo, the webcam, a head-and-shoulders photo with its heatmap."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory() as tmp:
-        picture = Path(tmp) / "astronaut.jpg"
-        picture.write_bytes(photo_jpeg("astronaut"))
+        pictures = {"upload": Path(tmp) / "astronaut.jpg", "explanation": Path(tmp) / "astronaut-head.jpg"}
+        pictures["upload"].write_bytes(photo_jpeg("astronaut"))
+        head = photo("astronaut").crop(CAMERA_REGION).resize((640, 480), Image.Resampling.BILINEAR)
+        head.save(pictures["explanation"], quality=90)
         for mode in ("upload", "webcam", "explanation"):
             context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
             page = context.new_page()
@@ -163,7 +166,7 @@ def screenshots(browser: Browser, base_url: str, folder: Path) -> list[str]:
             else:
                 if mode == "explanation":
                     page.locator('[data-action="explain"]').check()
-                page.locator("input[type=file]").set_input_files(picture)
+                page.locator("input[type=file]").set_input_files(pictures[mode])
                 page.locator(".heatmap" if mode == "explanation" else "[data-emotion]").first.wait_for()
             path = folder / f"{mode}.png"
             page.screenshot(path=path)
