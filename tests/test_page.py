@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,24 +315,3 @@ def test_explanation_overlay_shows_the_apis_heatmap(page: Page, server: str, tmp
     assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(heat.size)  # decoded by the browser
     page.locator('[data-action="explain"]').uncheck()
     expect(overlay).to_have_count(0)
-
-
-@pytest.mark.browser
-@pytest.mark.slow
-def test_page_benchmark_smoke(checkpoint_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from bench import page as bench_page
-
-    require_chromium()
-    out, shots = tmp_path / "page.json", tmp_path / "shots"
-    argv = ["--model", str(checkpoint_path), "--loads", "2", "--duration", "3", "--warmup-frames", "2", "--requests", "2"]
-    assert bench_page.main([*argv, "--screenshots", str(shots), "--output", str(out)]) == 0
-    record = json.loads(out.read_text())
-    assert record["command"].startswith("python -m bench.page --model")
-    results = record["results"]
-    assert results["page_load"]["first_visit"]["load_event_ms_median"] > 0
-    assert [row["explain"] for row in results["webcam"]] == [False, True]
-    assert all(row["frames"] > 0 and row["faces_in_last_frame"] == 1 for row in results["webcam"])
-    assert results["api"]["explain_ms_median"] > 0
-    for name in ("upload", "webcam", "explanation"):
-        assert Image.open(shots / f"{name}.png").size == (1200, 900)
-    assert "frames/s" in capsys.readouterr().out
