@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.model.router)
     app.include_router(routes.predict.router)
     app.include_router(routes.metrics.router)
+    app.include_router(routes.page.router)  # GET /: the page people use (app/static/)
     if settings.admin_token is not None:  # no token, no admin endpoint: a 404, and absent from /docs
         app.include_router(routes.admin.router)
     tracing.instrument(app)  # around the whole stack: the request span is current in every middleware

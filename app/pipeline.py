@@ -21,18 +21,28 @@ from typing import Protocol
 from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
 
+from app import explain as explaining
 from app.batching import MicroBatcher
 from app.concurrency import InferenceLimiter
 from app.errors import ServiceError
-from app.faces import Box, FaceDetector, crop_faces, whole_image_crop
+from app.faces import CROP_MARGIN, Box, FaceDetector, crop_faces, expand_box, whole_image_crop
 from app.images import decode_image
 from app.metrics import Metrics
 from app.model import Prediction, Predictor
-from app.schemas import Face
+from app.schemas import Explanation, Face
 
 NO_TRACER = NoOpTracer()
 
-Located = tuple[list[Box], list[Image.Image]]  # the face boxes in an image and the crops to classify
+
+@dataclass(frozen=True)
+class Located:
+    """The faces found in one image: their boxes, the crops to classify, and where each crop lies."""
+
+    boxes: list[Box]
+    crops: list[Image.Image]
+    regions: list[Box]  # the part of the image each crop shows (the box and its margin)
+
+
 Outcome = list[Face] | ServiceError  # one upload's faces, or why it has none
 
 
@@ -79,19 +89,22 @@ class Pipeline:
     max_pixels: int
     tracer: Tracer = NO_TRACER
 
-    async def image(self, data: bytes) -> list[Face]:
-        """The faces in one image; a bad image raises its :class:`ServiceError`."""
-        (outcome,) = await self.uploads([data])
+    async def image(self, data: bytes, explain: bool = False) -> list[Face]:
+        """The faces in one image; a bad image raises its :class:`ServiceError`. ``explain``: the
+        largest faces also get an :class:`~app.schemas.Explanation` (:mod:`app.explain`)."""
+        (outcome,) = await self.uploads([data], explain)
         if isinstance(outcome, ServiceError):
             raise outcome
         return outcome
 
-    async def uploads(self, uploads: Sequence[bytes | ServiceError]) -> list[Outcome]:
+    async def uploads(self, uploads: Sequence[bytes | ServiceError], explain: bool = False) -> list[Outcome]:
         """The faces in each upload, classified together; errors stay in their place."""
         async with self.limiter.admit():
             located = await self.limiter.run_admitted(self.locate_uploads, uploads)
             predictions = await self.classify(self.predictor, crops_of(located))
-        outcomes = assign(located, predictions)
+            outcomes = assign(located, predictions)
+            if explain:
+                outcomes = await self.limiter.run_admitted(self.explain, located, outcomes)
         self.metrics.observe_images([[face.emotion for face in item] for item in outcomes if not isinstance(item, ServiceError)])
         return outcomes
 
@@ -119,20 +132,47 @@ class Pipeline:
     def locate(self, image: Image.Image) -> Located:
         """The face boxes in ``image`` and the crops to classify; without a detector, the whole image."""
         if self.detector is None:
-            width, height = image.size
-            return [(0, 0, width, height)], [whole_image_crop(image)]  # shrunk: see whole_image_crop
+            whole = (0, 0, *image.size)
+            return Located([whole], [whole_image_crop(image)], [whole])  # shrunk: see whole_image_crop
         with self.tracer.start_as_current_span("detect_faces") as span:
             boxes = self.detector.detect(image)
             span.set_attribute("fer.faces", len(boxes))
-        return boxes, crop_faces(image, boxes)
+        regions = [expand_box(box, CROP_MARGIN, *image.size) for box in boxes]
+        return Located(boxes, crop_faces(image, boxes), regions)
+
+    def explain(self, located: Sequence[Located | ServiceError], outcomes: list[Outcome]) -> list[Outcome]:
+        """``outcomes`` with an explanation for the largest faces of the request, in place (blocking:
+        runs in a slot). At most :data:`app.explain.MAX_EXPLAINED_FACES` faces, in one forward pass."""
+        entries = [
+            (faces, j, item)
+            for item, faces in zip(located, outcomes, strict=True)
+            if isinstance(item, Located) and isinstance(faces, list)
+            for j in range(len(faces))
+        ]
+        chosen = [entries[k] for k in explaining.largest([item.boxes[j] for _, j, item in entries])]
+        with self.tracer.start_as_current_span("explain", attributes={"fer.faces": len(chosen)}):
+            heatmaps = explaining.explain(self.predictor, [item.crops[j] for _, j, item in chosen])
+        for (faces, j, item), heatmap in zip(chosen, heatmaps, strict=True):
+            explanation = Explanation(
+                method=explaining.METHOD,
+                emotion=self.predictor.classes[heatmap.class_index],
+                png=heatmap.png_base64(),
+                box=item.regions[j],
+                forward_passes=explaining.GRID**2 + 1,
+                max_drop=heatmap.max_drop,
+            )
+            faces[j] = faces[j].model_copy(update={"explanation": explanation})
+        return outcomes
 
 
 def crops_of(located: Sequence[Located | ServiceError]) -> list[Image.Image]:
     """Every crop to classify, in upload order."""
-    return [crop for item in located if not isinstance(item, ServiceError) for crop in item[1]]
+    return [crop for item in located if not isinstance(item, ServiceError) for crop in item.crops]
 
 
 def assign(located: Sequence[Located | ServiceError], predictions: Sequence[Prediction]) -> list[Outcome]:
     """Each upload's faces from its boxes and its share of ``predictions`` (:func:`crops_of`'s order)."""
     remaining = iter(predictions)
-    return [item if isinstance(item, ServiceError) else [Face(box=box, **next(remaining)) for box in item[0]] for item in located]
+    return [
+        item if isinstance(item, ServiceError) else [Face(box=box, **next(remaining)) for box in item.boxes] for item in located
+    ]

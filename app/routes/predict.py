@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
+from app import explain as explaining
 from app.deps import BatcherDep, DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
 from app.errors import (
     CorruptImage,
@@ -84,10 +85,21 @@ async def request_pipeline(
 
 PipelineDep = Annotated[Pipeline, Depends(request_pipeline)]
 
+ExplainParam = Annotated[
+    bool,
+    Query(
+        description=f"add to each face (at most {explaining.MAX_EXPLAINED_FACES}, the largest) `explanation`: where the model"
+        f" looked, as an occlusion heatmap over the face crop; costs {explaining.GRID**2 + 1} model inputs per face, in one batch"
+    ),
+]
+
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict(
-    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")], pipeline: PipelineDep, settings: SettingsDep
+    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")],
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    explain: ExplainParam = False,
 ) -> PredictResponse:
     """Find the faces in an image and classify the facial expression of each.
 
@@ -98,9 +110,12 @@ async def predict(
 
     With `detect=false` the whole image is classified as one face crop, for images that are
     face crops already; its `box` is then the whole image.
+
+    With `explain=true`, each of the (at most 4) largest faces also gets `explanation`: a heatmap
+    of where the model looked (occlusion sensitivity: see `method`, `forward_passes`).
     """
     # A full server has answered 503 already, before reading the upload (app.concurrency.RefuseWhenFull).
-    faces = await pipeline.image(await read_upload(file, settings.max_upload_bytes))
+    faces = await pipeline.image(await read_upload(file, settings.max_upload_bytes), explain)
     return PredictResponse(faces=faces, model=ModelRef.from_info(pipeline.predictor.info))
 
 
