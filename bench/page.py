@@ -1,7 +1,7 @@
 """The page (``GET /``) in a real browser: how fast it loads from a warm service, how many webcam
 frames per second it sustains, and what ``explain=true`` costs.
 
-    python -m bench.page                                  # models/fer-compact.pt
+    python -m bench.page                                  # the bundled model
     python -m bench.page --screenshots docs/screenshots   # also the three modes' screenshots
 
 One real service (``uvicorn app.main:app``, default settings, ``--model``) and Debian's Chromium
@@ -178,7 +178,7 @@ def screenshots(browser: Browser, base_url: str, folder: Path) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", type=Path, default=BUNDLED_MODEL, help="checkpoint the service serves (default: the bundled one)"
+        "--model", type=Path, default=BUNDLED_MODEL, help="the model the service serves (default: the bundled one)"
     )
     parser.add_argument("--loads", type=int, default=20, help="measured page loads")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of webcam frames counted, per setting")

