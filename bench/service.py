@@ -50,7 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import httpx
@@ -141,10 +141,13 @@ def image_info(image: BenchImage) -> dict[str, Any]:
 # --- the server --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def listening_socket() -> socket.socket:
+    """A socket listening on a port of 127.0.0.1 the kernel picked, for ``uvicorn --fd``: the
+    server inherits it, so no other process can take the port between choosing and serving."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(socket.SOMAXCONN)
+    return sock
 
 
 def service_env(model: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -197,21 +200,27 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def run_server(model: Path, log_path: Path, extra_env: dict[str, str], ready_timeout: float = 180.0) -> Iterator[Server]:
-    """``uvicorn app.main:app`` serving ``model`` on a free loopback port, from start to ready,
-    stopped on exit. Its output goes to ``log_path`` (appended)."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--log-level", "warning"]
+    """``uvicorn app.main:app`` serving ``model`` on a loopback port (:func:`listening_socket`), from
+    start to ready, stopped on exit. Its output goes to ``log_path`` (appended)."""
     env = service_env(model, extra_env)
     with log_path.open("ab") as log_file:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        base_url, process = start_uvicorn(["app.main:app", "--log-level", "warning"], env=env, stdout=log_file)
         try:
             ready_s = wait_ready(process, base_url, started, ready_timeout, log_path)
             yield Server(process, base_url, ready_s, log_path)
         finally:
             stop(process)
+
+
+def start_uvicorn(args: list[str], env: dict[str, str], stdout: IO[bytes]) -> tuple[str, subprocess.Popen[bytes]]:
+    """``python -m uvicorn *args`` on :func:`listening_socket`'s port (``--fd``): its base URL and
+    process. The process's copy of the socket is the only one left open: once it exits, the port
+    refuses connections."""
+    with listening_socket() as sock:
+        command = [sys.executable, "-m", "uvicorn", *args, "--fd", str(sock.fileno())]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, pass_fds=[sock.fileno()])
+        return f"http://127.0.0.1:{sock.getsockname()[1]}", process
 
 
 # --- requests ----------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import refused_port
 from tests.utils.gcloud import real_gcloud, usage_errors
-from tests.utils.service import SETTINGS_ENV, write_checkpoint
+from tests.utils.service import SETTINGS_ENV, clean_service_env, serve_process, write_checkpoint
 from training.config import resolve_config
 from training.train import build_parser
 
@@ -327,25 +327,13 @@ def service_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """``python -m app.serve`` (the service image's ENTRYPOINT) on $PORT with a tiny model."""
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """``python -m app.serve`` (the service image's ENTRYPOINT) on $PORT with a tiny model, ready."""
+    clean_service_env(monkeypatch)
     model = write_checkpoint(tmp_path / "model.pt", run_id="smoke-run")
-    port = free_port()
     log = tmp_path / "serve.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.serve"],
-            cwd=ROOT,
-            env=service_env(PORT=str(port), MODEL_URI=str(model)),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield f"http://127.0.0.1:{port}", proc, log
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with serve_process(log, MODEL_URI=str(model), MAX_CONCURRENT_INFERENCES="1") as (url, proc):
+        yield url, proc, log
 
 
 @pytest.mark.slow
@@ -389,8 +377,8 @@ def test_serve_passes_port_and_proxy_settings_to_uvicorn(monkeypatch: pytest.Mon
 
 def test_smoke_test_fails_clearly_when_nothing_answers() -> None:
     smoke = load_module("deploy/smoke_test.py")
-    with pytest.raises(smoke.SmokeError, match=r"GET /readyz: not ready after 0 s"):
-        smoke.smoke(f"http://127.0.0.1:{free_port()}", timeout=0.1)
+    with refused_port() as port, pytest.raises(smoke.SmokeError, match=r"GET /readyz: not ready after 0 s"):
+        smoke.smoke(f"http://127.0.0.1:{port}", timeout=0.1)
     image = Image.open(io.BytesIO(smoke.png_gray()))
     assert image.size == (48, 48) and image.mode == "L"
     with pytest.raises(smoke.SmokeError, match="expected one face"):

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fercore.checkpoint import CheckpointError, build_model, checkpoint_bytes, load_checkpoint, make_checkpoint, save_checkpoint
+from fercore.checkpoint import CheckpointError, build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
 from fercore.storage import LATEST, publish_run, sha256_file
+from tests.utils.checkpoints import checkpoint_bytes
 from tests.utils.service import clean_service_env, gray_png, post_image, running_app, write_checkpoint
 
 TOKEN = "hostile-ckpt-admin-token-0123456789"
