@@ -53,6 +53,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_bundled_model_gives_the_checkpoints_probabilities() -> None:
     plain = Predictor.from_uri(str(BUNDLED_MODEL), optimize=False)
     optimized = Predictor.from_uri(str(BUNDLED_MODEL), optimize=True)

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from training import train
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stalled after step {steps}", flush=True)
             time.sleep(STALL_S)
 
-    torch.optim.optimizer.register_optimizer_step_post_hook(count_and_stall)
+    register_optimizer_step_post_hook(count_and_stall)
     return train.main(train_args)
 
 
