@@ -167,6 +167,7 @@ def test_dockerignore_admits_exactly_what_the_dockerfiles_copy() -> None:
         for kind, arg in dockerfile_instructions(name):
             if kind == "COPY":
                 copied.update(arg.split()[:-1])
+
     def admits(rule: str, path: str) -> bool:
         return path == rule or path.startswith(rule + "/")
 
