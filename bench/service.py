@@ -52,12 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import httpx
 import torch
 from PIL import Image
 
-from app.faces import CASCADE_PATH, Box, FaceDetector, configure_opencv
+from app.faces import Detection, FaceDetector
 from app.images import decode_image
 from app.model import Prediction, Predictor
 from app.routes.predict import locate_faces
@@ -374,16 +373,15 @@ def bench_server(model: Path, images: list[BenchImage], args: argparse.Namespace
 
 
 def bench_in_process(model: Path, images: list[BenchImage], runs: int, warmup: int) -> dict[str, Any]:
-    """Our model in this process, one torch and one OpenCV thread, on the decoded images."""
-    torch_threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    """Our model in this process, one torch and one face-detector thread, on the decoded images."""
+    torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    configure_opencv(1)
     try:
         start = time.perf_counter()
         predictor = Predictor.from_uri(str(model))
         predictor.warm_up()
         out: dict[str, Any] = {"threads": 1, "load_s": time.perf_counter() - start}
-        detector = FaceDetector(CASCADE_PATH, pool_size=1)
+        detector = FaceDetector(threads=1)
         for image in images:
             decoded = decode_image(image.data, MAX_IMAGE_PIXELS)  # as the service decodes it
             call = _classifier(predictor, detector if image.detect else None, decoded)
@@ -396,15 +394,14 @@ def bench_in_process(model: Path, images: list[BenchImage], runs: int, warmup: i
         return out
     finally:
         torch.set_num_threads(torch_threads)
-        configure_opencv(cv_threads)
 
 
 def _classifier(
     predictor: Predictor, detector: FaceDetector | None, image: Image.Image
-) -> Callable[[], tuple[list[Box], list[Prediction]]]:
+) -> Callable[[], tuple[list[Detection], list[Prediction]]]:
     """What ``POST /predict`` does after decoding: find the faces (or take the whole image), classify them."""
 
-    def call() -> tuple[list[Box], list[Prediction]]:
+    def call() -> tuple[list[Detection], list[Prediction]]:
         boxes, crops = locate_faces(image, detector)
         return boxes, predictor.predict_faces(crops) if crops else []
 

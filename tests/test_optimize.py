@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import fx, nn
 
-from app.faces import CASCADE_PATH, FaceDetector
+from app.faces import FaceDetector, crop_faces
 from app.model import Predictor
 from app.settings import BUNDLED_MODEL
 from fercore import optimize
@@ -58,8 +58,7 @@ def test_bundled_model_gives_the_checkpoints_probabilities() -> None:
     optimized = Predictor.from_uri(str(BUNDLED_MODEL), optimize=True)
     assert isinstance(optimized.model, fx.GraphModule) and not isinstance(plain.model, fx.GraphModule)
     astronaut = photo("astronaut")
-    faces = FaceDetector(CASCADE_PATH).detect(astronaut)
-    crops = [astronaut.crop((x, y, x + w, y + h)) for x, y, w, h in faces]
+    crops = crop_faces(astronaut, FaceDetector().detect(astronaut))
     assert len(crops) == 1
     # The real face, random faces, a whole photo and a gradient: one at a time and as a batch.
     inputs = [*crops, *random_faces(16), astronaut, Image.fromarray(face_pixels(), mode="L")]

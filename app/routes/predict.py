@@ -24,8 +24,8 @@ from app.errors import (
     TooManyFiles,
     UnsupportedImage,
 )
-from app.faces import Box, FaceDetector, crop_faces, whole_image_crop
-from app.images import decode_image
+from app.faces import Detection, FaceDetector, crop_faces, whole_image_crop
+from app.images import decode_image_reduced
 from app.metrics import Metrics
 from app.model import Prediction, Predictor
 from app.schemas import BatchResponse, ErrorBody, Face, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
@@ -143,9 +143,10 @@ async def predict(
 ) -> PredictResponse:
     """Find the faces in an image and classify the facial expression of each.
 
-    Faces are found with a frontal-face detector (upright faces looking roughly at the camera;
-    profiles and strongly tilted heads are missed). Each face is cropped with a small margin
-    and classified; `box` is the detected face, and faces are listed left to right. **An image in which no face is found is
+    Faces are found with a neural face detector (BlazeFace full-range: faces turned or tilted
+    well away from the camera too). Each face is turned so its eyes are level, cropped as the
+    training faces were, and classified; `box` is the detected face, `landmarks` its eyes, nose,
+    mouth and ears, and faces are listed left to right. **An image in which no face is found is
     answered 200 with `"faces": []`.**
 
     With `detect=false` the whole image is classified as one face crop, for images that are
@@ -206,7 +207,7 @@ async def read_upload_or_error(file: UploadFile, max_bytes: int) -> bytes | Serv
         return exc
 
 
-Located = tuple[list[Box], list[Image.Image]]  # the face boxes in an image and the crops to classify
+Located = tuple[list[Detection], list[Image.Image]]  # the faces in an image (its pixels) and the crops to classify
 
 
 def classify_image(
@@ -234,8 +235,11 @@ def classify_uploads(
 
 
 def locate_image(detector: FaceDetector | None, data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER) -> Located:
-    """Decode ``data`` and find its faces: everything before classification."""
-    return locate_faces(decode(data, max_pixels, tracer), detector, tracer)
+    """Decode ``data`` and find its faces: everything before classification. With a detector, a large
+    JPEG is decoded at reduced size; the faces are reported in the file's pixels all the same."""
+    image, scale = decode(data, max_pixels, tracer, detector.max_side if detector else None)
+    detections, crops = locate_faces(image, detector, tracer)
+    return [detection.scaled(scale) for detection in detections], crops
 
 
 def locate_uploads(
@@ -259,33 +263,35 @@ def crops_of(located: Sequence[Located | ServiceError]) -> list[Image.Image]:
     return [crop for item in located if not isinstance(item, ServiceError) for crop in item[1]]
 
 
-def to_faces(boxes: Sequence[Box], predictions: Sequence[Prediction]) -> list[Face]:
-    return [Face(box=box, **prediction) for box, prediction in zip(boxes, predictions, strict=True)]
+def to_faces(detections: Sequence[Detection], predictions: Sequence[Prediction]) -> list[Face]:
+    return [to_face(d, prediction) for d, prediction in zip(detections, predictions, strict=True)]
+
+
+def to_face(detection: Detection, prediction: Prediction) -> Face:
+    return Face(box=detection.box, landmarks=detection.landmarks, **prediction)
 
 
 def assign(located: Sequence[Located | ServiceError], predictions: Sequence[Prediction]) -> list[list[Face] | ServiceError]:
     """Each upload's faces from its boxes and its share of ``predictions`` (:func:`crops_of`'s order)."""
     remaining = iter(predictions)
-    return [item if isinstance(item, ServiceError) else [Face(box=box, **next(remaining)) for box in item[0]] for item in located]
+    return [item if isinstance(item, ServiceError) else [to_face(d, next(remaining)) for d in item[0]] for item in located]
 
 
-def decode(data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER) -> Image.Image:
-    """:func:`~app.images.decode_image` in a ``decode`` span (a rejected file ends it in error)."""
+def decode(data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER, max_side: int | None = None) -> tuple[Image.Image, float]:
+    """:func:`~app.images.decode_image_reduced` in a ``decode`` span (a rejected file ends it in error)."""
     with tracer.start_as_current_span("decode", attributes={"fer.bytes": len(data)}) as span:
-        image = decode_image(data, max_pixels)
+        image, scale = decode_image_reduced(data, max_pixels, max_side)
         span.set_attribute("fer.image.width", image.width)
         span.set_attribute("fer.image.height", image.height)
-        return image
+        return image, scale
 
 
-def locate_faces(
-    image: Image.Image, detector: FaceDetector | None, tracer: Tracer = NO_TRACER
-) -> tuple[list[Box], list[Image.Image]]:
-    """The face boxes in ``image`` and the crops to classify; without a detector, the whole image."""
+def locate_faces(image: Image.Image, detector: FaceDetector | None, tracer: Tracer = NO_TRACER) -> Located:
+    """The faces in ``image`` and the crops to classify; without a detector, the whole image."""
     if detector is None:
         width, height = image.size
-        return [(0, 0, width, height)], [whole_image_crop(image)]  # shrunk: see whole_image_crop
+        return [Detection((0, 0, width, height), 1.0)], [whole_image_crop(image)]  # shrunk: see whole_image_crop
     with tracer.start_as_current_span("detect_faces") as span:
-        boxes = detector.detect(image)
-        span.set_attribute("fer.faces", len(boxes))
-    return boxes, crop_faces(image, boxes)
+        detections = detector.detect(image)
+        span.set_attribute("fer.faces", len(detections))
+    return detections, crop_faces(image, detections, detector.align)
