@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import math
 import random
 import sys
 import zipfile
@@ -91,6 +92,7 @@ def run_condition(samples: list[Sample], turned: bool, detector: FaceDetector, p
     backgrounds = [Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(SCENE) for name in BACKGROUNDS]
     correct = dict.fromkeys(ARMS, 0)
     plain_detected = 0  # the ceiling on the same faces the other two arms see
+    only = {"aligned": 0, "unaligned": 0}
     detected = 0
     for sample in samples:
         angle = rng.choice((-1, 1)) * rng.uniform(*TURNED) if turned else 0.0
@@ -102,15 +104,25 @@ def run_condition(samples: list[Sample], turned: bool, detector: FaceDetector, p
             crops["aligned"] = crop_faces(scene, [face], align=True)[0]
             crops["unaligned"] = crop_faces(scene, [face], align=False)[0]
         names = list(crops)
-        for name, prediction in zip(names, predictor.predict_faces([crops[n] for n in names]), strict=True):
-            correct[name] += prediction["emotion"] == sample.label
-            plain_detected += name == "plain" and face is not None and prediction["emotion"] == sample.label
+        right = {
+            n: p["emotion"] == sample.label
+            for n, p in zip(names, predictor.predict_faces([crops[n] for n in names]), strict=True)
+        }
+        for name, ok in right.items():
+            correct[name] += ok
+        if face is not None:
+            plain_detected += right["plain"]
+            # The faces one arm gets right and the other wrong: what a paired (sign) test compares.
+            only["aligned"] += right["aligned"] and not right["unaligned"]
+            only["unaligned"] += right["unaligned"] and not right["aligned"]
     n = len(samples)
     return {
         "faces": n,
         "detected": detected,
         "detection_rate": detected / n,
         "accuracy": {arm: correct[arm] / n for arm in ARMS},
+        "only_right": only,
+        "sign_test_p": sign_test(only["aligned"], only["unaligned"]),
         "accuracy_detected": {
             "aligned": correct["aligned"] / detected,
             "unaligned": correct["unaligned"] / detected,
@@ -119,6 +131,15 @@ def run_condition(samples: list[Sample], turned: bool, detector: FaceDetector, p
         if detected
         else {},
     }
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided p-value of ``wins`` against ``losses`` if either arm were as likely to win (ties left out)."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def markdown(results: dict[str, Any], command: str) -> str:
@@ -130,15 +151,16 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "Accuracy over every face (a missed face counts as wrong), then over the faces the detector found.",
         "",
         "| condition | faces | detected | aligned | unaligned | plain 48x48 (ceiling) "
-        "| detected: aligned | detected: unaligned | detected: plain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| detected: aligned | detected: unaligned | detected: plain | only aligned right / only unaligned right (sign test p) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["conditions"].items():
         acc, det = row["accuracy"], row["accuracy_detected"]
         lines.append(
             f"| {name} | {row['faces']} | {row['detected']} ({row['detection_rate']:.1%}) | {acc['aligned']:.1%} | "
             f"{acc['unaligned']:.1%} | {acc['plain']:.1%} | {det.get('aligned', 0):.1%} | {det.get('unaligned', 0):.1%} | "
-            f"{det.get('plain', 0):.1%} |"
+            f"{det.get('plain', 0):.1%} | {row['only_right']['aligned']} / {row['only_right']['unaligned']} "
+            f"(p = {row['sign_test_p']:.2f}) |"
         )
     return "\n".join(lines) + "\n"
 
