@@ -14,9 +14,10 @@ photo), the astronaut turned 45 degrees, the cameraman (a 3/4-view face in a gre
   cascade exactly as ``app.faces`` ran it before (``haarcascade_frontalface_default.xml`` from
   ``opencv-python-headless``, downscaled to 1024 px, scale factor 1.1, 5 neighbours, smallest face
   max(48 px, 5% of the shorter side)). The faces each found, beside the faces there are.
-* ``http``: the real service (``uvicorn app.main:app``, TORCH_THREADS=1, the bundled model),
-  ``POST /predict`` of the portrait and the large JPEG, one request at a time: p50. The service no
-  longer has the Haar path, so its HTTP figures are the ones in bench/results/service.json.
+* ``http``: the real service (``uvicorn app.main:app``, TORCH_THREADS=1, one inference slot, the
+  bundled model), ``POST /predict`` of the portrait and the large JPEG, one request at a time, p50;
+  with ``--haar-checkout``, the same for the service as it was with the Haar cascade, run from that
+  checkout, in the same run.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ from skimage import data as skdata
 
 from app.faces import DETECT_MAX_SIDE, FaceDetector
 from app.images import decode_image, decode_image_reduced
-from app.settings import BUNDLED_MODEL, Settings
+from app.settings import Settings
 from bench.machine import RESULTS_DIR, command_line, write_result
 from bench.service import run_server
 from bench.timing import latency_summary, positive_int, time_calls
 
 log = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 HAAR_PATH = Path(haarcascades) / "haarcascade_frontalface_default.xml"
 
@@ -135,29 +137,39 @@ def in_process(photos: dict[str, tuple[bytes, int]], runs: int, warmup: int) -> 
     return out
 
 
-def http(photos: dict[str, tuple[bytes, int]], names: list[str], requests: int, warmup: int) -> dict[str, Any]:
-    """``POST /predict`` of each named photo, one request at a time, on the real service."""
+def http(
+    photos: dict[str, tuple[bytes, int]], names: list[str], requests: int, warmup: int, roots: dict[str, Path]
+) -> dict[str, Any]:
+    """``POST /predict`` of each named photo, one request at a time, on the real service run from
+    each checkout in ``roots`` (this one; the Haar one, if given), one after the other."""
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"TORCH_THREADS": "1", "MAX_CONCURRENT_INFERENCES": "1"}
+    for service, root in roots.items():
+        out[service] = {}
+        env = {"TORCH_THREADS": "1", "MAX_CONCURRENT_INFERENCES": "1", "PYTHONPATH": str(root)}
         with (
-            run_server(BUNDLED_MODEL, Path(tmp) / "server.log", env) as server,
+            tempfile.TemporaryDirectory() as tmp,
+            run_server(root / "models" / "fer-compact.pt", Path(tmp) / "server.log", env, root=root) as server,
             httpx.Client(base_url=server.base_url, timeout=60) as client,
         ):
             for name in names:
-                files = {"file": (f"{name}.jpg", photos[name][0], "image/jpeg")}
-                seconds, faces = [], -1
-                for i in range(warmup + requests):
-                    start = time.perf_counter()
-                    response = client.post("/predict", files=files)
-                    elapsed = time.perf_counter() - start
-                    response.raise_for_status()
-                    faces = len(response.json()["faces"])
-                    if i >= warmup:
-                        seconds.append(elapsed)
-                out[name] = {**latency_summary(seconds), "faces": faces}
-                log.info("http %s: %s", name, out[name])
+                out[service][name] = sequential(client, name, photos[name][0], requests, warmup)
+                log.info("http %s %s: %s", service, name, out[service][name])
     return out
+
+
+def sequential(client: httpx.Client, name: str, data: bytes, requests: int, warmup: int) -> dict[str, Any]:
+    """Latency of ``requests`` requests one after the other (after ``warmup``), and the faces found."""
+    files = {"file": (f"{name}.jpg", data, "image/jpeg")}
+    seconds, faces = [], -1
+    for i in range(warmup + requests):
+        start = time.perf_counter()
+        response = client.post("/predict", files=files)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        faces = len(response.json()["faces"])
+        if i >= warmup:
+            seconds.append(elapsed)
+    return {**latency_summary(seconds), "faces": faces}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,13 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=positive_int, default=20, help="timed calls per photo and detector (median)")
     parser.add_argument("--warmup", type=positive_int, default=3)
     parser.add_argument("--requests", type=positive_int, default=40, help="timed HTTP requests per photo")
+    parser.add_argument(
+        "--haar-checkout",
+        type=Path,
+        help="a checkout of the service before BlazeFace, to time over HTTP too "
+        "(e.g. mkdir /tmp/haar && git archive 94924df | tar -x -C /tmp/haar)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "faces.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     photos = bench_photos()
+    roots = {"blazeface_onnx": ROOT} | ({"haar": args.haar_checkout.resolve()} if args.haar_checkout else {})
     results = {
         "in_process": in_process(photos, args.runs, args.warmup),
-        "http": http(photos, ["portrait_512", "large_2560x1912"], args.requests, args.warmup),
+        "http": http(photos, ["portrait_512", "large_2560x1912"], args.requests, args.warmup, roots),
         "opencv": cv2.__version__,
     }
     write_result(args.output, "faces", results, command_line("bench.faces", argv))
@@ -180,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:26s} faces {row['faces_present']}: BlazeFace {row['blazeface_onnx']['faces_found']} in "
             f"{row['blazeface_onnx']['median_ms']:.1f} ms, Haar {row['haar']['faces_found']} in {row['haar']['median_ms']:.1f} ms"
         )
-    for name, row in results["http"].items():
-        print(f"HTTP {name}: p50 {row['p50_ms']:.1f} ms, {row['faces']} face(s)")
+    for service, rows in results["http"].items():
+        for name, row in rows.items():
+            print(f"HTTP {service} {name}: p50 {row['p50_ms']:.1f} ms, {row['faces']} face(s)")
     return 0
 
 

@@ -195,9 +195,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_server(model: Path, log_path: Path, extra_env: dict[str, str], ready_timeout: float = 180.0) -> Iterator[Server]:
+def run_server(
+    model: Path, log_path: Path, extra_env: dict[str, str], ready_timeout: float = 180.0, root: Path = ROOT
+) -> Iterator[Server]:
     """``uvicorn app.main:app`` serving ``model`` on a free loopback port, from start to ready,
-    stopped on exit. Its output goes to ``log_path`` (appended)."""
+    stopped on exit. Its output goes to ``log_path`` (appended). ``root``: the checkout it runs from
+    (another version of the service, for a side-by-side comparison)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
@@ -205,7 +208,7 @@ def run_server(model: Path, log_path: Path, extra_env: dict[str, str], ready_tim
     env = service_env(model, extra_env)
     with log_path.open("ab") as log_file:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             ready_s = wait_ready(process, base_url, started, ready_timeout, log_path)
             yield Server(process, base_url, ready_s, log_path)
