@@ -7,10 +7,11 @@ views, heads rolled ~45 degrees), in colour or grey photos, and returns six keyp
 It is loaded once, in the app's lifespan (:mod:`app.main`); an ``InferenceSession`` is safe for
 concurrent ``run`` calls, so one detector serves every inference slot.
 
-Steps (docs/faces.md): the image is letterboxed into the model's 192x192 input; the model scores
-2304 anchors (a 48x48 grid) and regresses a box and six keypoints for each; :func:`decode` turns
-those into boxes, :func:`weighted_nms` merges the overlapping ones (as MediaPipe's graph does), and
-the survivors are mapped back to the image's pixels. :func:`crop_faces` cuts each face out, turned
+Steps (docs/faces.md): the image is letterboxed into the model's 192x192 input (a wide one also
+in squares along it: :func:`windows`); the model scores 2304 anchors (a 48x48 grid) and regresses
+a box and six keypoints for each; :func:`decode` turns those into boxes in the image's pixels,
+:func:`weighted_nms` merges the overlapping ones (as MediaPipe's graph does), and faces under
+:data:`MIN_FACE_PX` are dropped. :func:`crop_faces` cuts each face out, turned
 so its eyes are level (:func:`aligned_crop`) when alignment is on.
 """
 
@@ -134,7 +135,13 @@ class FaceDetector:
         keep = scores >= self.config.score_threshold
         # Letterbox units (0-1 of the 192 input) -> pixels of the window -> pixels of the image.
         offset = np.tile(pad, 8) / scale - np.tile(np.array([x0, y0], dtype=np.float32), 8)
-        return boxes[keep] * (INPUT_SIDE / scale) - offset, scores[keep]
+        rows, scores = boxes[keep] * (INPUT_SIDE / scale) - offset, scores[keep]
+        if (w, h) != image.size:
+            # A face cut by a square's inner edge is half a face there; the next square or the whole
+            # image sees all of it. Kept, it could survive suppression beside the whole one.
+            inner = inside_window(rows, window, image.size)
+            rows, scores = rows[inner], scores[inner]
+        return rows, scores
 
 
 def windows(size: tuple[int, int]) -> list[Box]:
@@ -156,6 +163,17 @@ def windows(size: tuple[int, int]) -> list[Box]:
         start = round(i * step)
         found.append((start, 0, short, short) if width > height else (0, start, short, short))
     return found
+
+
+def inside_window(rows: np.ndarray, window: Box, size: tuple[int, int]) -> np.ndarray:
+    """Which ``rows`` (image pixels) have their box inside ``window``, except across its edges that
+    are the image's own (a face cut by the photo's border is still a face)."""
+    x0, y0, w, h = window
+    left = (rows[:, 0] >= x0) | (x0 == 0)
+    top = (rows[:, 1] >= y0) | (y0 == 0)
+    right = (rows[:, 2] <= x0 + w) | (x0 + w >= size[0])
+    bottom = (rows[:, 3] <= y0 + h) | (y0 + h >= size[1])
+    return left & top & right & bottom
 
 
 def load_session(path: Path, threads: int) -> ort.InferenceSession:

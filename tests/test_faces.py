@@ -298,3 +298,19 @@ def test_a_large_jpeg_is_decoded_reduced_and_its_faces_reported_in_its_pixels(de
     (face,), _ = locate_image(detector, jpeg(big), 40_000_000)
     assert_astronaut_face(face.box, scale=4.0)  # in the 2048-px file's pixels
     assert contains(face.box, face.landmarks["nose_tip"])
+
+
+def test_wide_photos_are_also_looked_at_in_overlapping_squares() -> None:
+    assert faces.windows((640, 480)) == [(0, 0, 640, 480)]  # 4:3: the whole image only
+    whole, *squares = faces.windows((1600, 600))
+    assert whole == (0, 0, 1600, 600)
+    assert [s[2:] for s in squares] == [(600, 600)] * len(squares)
+    assert squares[0][0] == 0 and squares[-1][0] + 600 == 1600  # from one end to the other
+    assert all(b[0] - a[0] <= 450 for a, b in zip(squares, squares[1:], strict=False))  # overlap >= 1/4
+    assert faces.windows((300, 900))[1:] == [(0, 0, 300, 300), (0, 200, 300, 300), (0, 400, 300, 300), (0, 600, 300, 300)]
+
+
+def test_a_face_cut_by_a_squares_inner_edge_is_left_to_the_other_windows() -> None:
+    rows = np.array([[10, 10, 50, 50], [580, 10, 640, 50], [-5, 10, 30, 50]], dtype=np.float32)
+    # The square (0, 0, 600, 600) of a 1600x600 photo: its right edge is inside the photo, its left is the photo's.
+    np.testing.assert_array_equal(faces.inside_window(rows, (0, 0, 600, 600), (1600, 600)), [True, False, True])
