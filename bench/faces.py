@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     photos = bench_photos()
     roots = {"blazeface_onnx": ROOT} | ({"haar": args.haar_checkout.resolve()} if args.haar_checkout else {})
-    results = {
+    results: dict[str, Any] = {
         "in_process": in_process(photos, args.runs, args.warmup),
         "http": http(photos, ["portrait_512", "large_2560x1912"], args.requests, args.warmup, roots),
         "opencv": cv2.__version__,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -306,7 +307,7 @@ def test_wide_photos_are_also_looked_at_in_overlapping_squares() -> None:
     assert whole == (0, 0, 1600, 600)
     assert [s[2:] for s in squares] == [(600, 600)] * len(squares)
     assert squares[0][0] == 0 and squares[-1][0] + 600 == 1600  # from one end to the other
-    assert all(b[0] - a[0] <= 450 for a, b in zip(squares, squares[1:], strict=False))  # overlap >= 1/4
+    assert all(b[0] - a[0] <= 450 for a, b in itertools.pairwise(squares))  # overlap >= 1/4
     assert faces.windows((300, 900))[1:] == [(0, 0, 300, 300), (0, 200, 300, 300), (0, 400, 300, 300), (0, 600, 300, 300)]
 
 
