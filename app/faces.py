@@ -55,8 +55,15 @@ SIDE_PER_EYES = 2.76
 SIDE_PER_EYES_MOUTH = 2.61
 EYES_Y = 0.39
 # Images with a longer side over this many times their shorter side are also looked at in squares
-# (:func:`windows`): above it, letterboxing shrinks their faces the most.
+# (:func:`windows`): above it, letterboxing shrinks their faces the most...
 WIDE_ASPECT = 1.5
+# ...and images whose shorter side is this long or longer (at the detector's max_side) in a grid of
+# squares: a 48-px face (the smallest reported) is under 12 px in the model's input when it sees
+# them whole, and is missed; in a square of half the side it is twice that.
+GRID_MIN_SIDE = 768
+# The grid's squares, as a fraction of the shorter side: 1/2 makes a 4:3 photo 4x3 squares (13 runs
+# in all) and shows a 48-px face at 24 px; 2/3 (7 runs) missed one face of a 3x3 crowd of 105-px faces.
+GRID_SIDE = 1 / 2
 # Default longer side detection works at; larger images are reduced first (JPEGs while decoding).
 DETECT_MAX_SIDE = 1024
 
@@ -88,13 +95,14 @@ class FaceDetectorError(RuntimeError):
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """How detections are filtered and cropped (from the settings: FACE_SCORE_THRESHOLD, FACE_NMS_IOU,
-    FACE_DETECT_MAX_SIDE, FACE_ALIGN)."""
+    """How detections are found, filtered and cropped (from the settings: FACE_SCORE_THRESHOLD,
+    FACE_NMS_IOU, FACE_DETECT_MAX_SIDE, FACE_ALIGN, FACE_DETECT_GRID)."""
 
     score_threshold: float = 0.5
     nms_iou: float = 0.3
     max_side: int = DETECT_MAX_SIDE
     align: bool = True
+    grid: bool = True
 
 
 class FaceDetector:
@@ -117,7 +125,7 @@ class FaceDetector:
 
     def detect(self, image: Image.Image) -> list[Detection]:
         """The faces in ``image``, in its pixel coordinates, left to right (then top to bottom)."""
-        found = [self._run(image, window) for window in windows(image.size)]
+        found = [self._run(image, window) for window in windows(image.size, self.config.max_side, self.config.grid)]
         rows, scores = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
         merged = weighted_nms(rows, scores, self.config.nms_iou)
         min_side = MIN_FACE_PX * max(1.0, max(image.size) / self.config.max_side)
@@ -144,25 +152,37 @@ class FaceDetector:
         return rows, scores
 
 
-def windows(size: tuple[int, int]) -> list[Box]:
-    """Where the model looks: the whole image, and for an image much wider than tall (or taller than
-    wide) also squares along it, overlapping by a quarter or more.
+def windows(size: tuple[int, int], max_side: int = DETECT_MAX_SIDE, grid: bool = True) -> list[Box]:
+    """Where the model looks: the whole image, and squares of it overlapping by a quarter or more.
 
-    The model sees everything at 192 px: letterboxed whole, a wide group photo leaves each face a
-    few pixels tall (a 1600x600 photo's faces of 150 px become 18 px, at the model's limit); each
-    square shows them 2-3 times larger. One run per square: a 4:3 photo needs none.
+    The model sees everything at 192 px and finds faces down to about a tenth of that. Letterboxed
+    whole, a wide group photo leaves its faces a few pixels tall (a 1600x600 photo's faces of
+    150 px become 18 px), and so does a large photo of a crowd. So an image more than WIDE_ASPECT
+    times as wide as tall (or tall as wide) is also looked at in squares of its shorter side along
+    it; and an image whose shorter side, reduced to ``max_side``, is GRID_MIN_SIDE or more, in
+    unless ``grid`` is off, a grid of squares of GRID_SIDE of its shorter side. One run per window:
+    a 4:3 photo under 1024x768 (at ``max_side``) is one run, larger ones 13.
     """
     width, height = size
     short, long = min(size), max(size)
-    found: list[Box] = [(0, 0, width, height)]
-    if long <= WIDE_ASPECT * short:
-        return found
-    count = math.ceil((long - short) / (0.75 * short)) + 1
-    step = (long - short) / (count - 1)
-    for i in range(count):
-        start = round(i * step)
-        found.append((start, 0, short, short) if width > height else (0, start, short, short))
-    return found
+    if grid and short * min(1.0, max_side / long) >= GRID_MIN_SIDE:
+        side = math.ceil(short * GRID_SIDE)
+    elif long > WIDE_ASPECT * short:
+        side = short
+    else:
+        return [(0, 0, width, height)]
+    grid = [(x, y, side, side) for y in starts(height, side) for x in starts(width, side)]
+    return [(0, 0, width, height), *grid]
+
+
+def starts(length: int, side: int) -> list[int]:
+    """Where windows of ``side`` start along ``length``: from one end to the other, overlapping by a
+    quarter of ``side`` or more."""
+    if length <= side:
+        return [0]
+    count = math.ceil((length - side) / (0.75 * side)) + 1
+    step = (length - side) / (count - 1)
+    return [round(i * step) for i in range(count)]
 
 
 def inside_window(rows: np.ndarray, window: Box, size: tuple[int, int]) -> np.ndarray:

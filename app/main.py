@@ -52,6 +52,7 @@ def detector_config(settings: Settings) -> DetectorConfig:
         nms_iou=settings.face_nms_iou,
         max_side=settings.face_detect_max_side,
         align=settings.face_align,
+        grid=settings.face_detect_grid,
     )
 
 

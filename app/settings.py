@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     """Read from the environment (no prefix, case-insensitive): ``MODEL_URI``, ``MAX_UPLOAD_BYTES``,
     ``MAX_IMAGE_PIXELS``, ``TORCH_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
     ``MAX_QUEUE``, ``BATCH_MAX_SIZE``, ``BATCH_MAX_WAIT_MS``, ``OPTIMIZE_MODEL``, the face detector's
-    (``FACE_SCORE_THRESHOLD``, ``FACE_NMS_IOU``, ``FACE_DETECT_MAX_SIDE``, ``FACE_ALIGN``), the model loading and
+    (``FACE_SCORE_THRESHOLD``, ``FACE_NMS_IOU``, ``FACE_DETECT_MAX_SIDE``, ``FACE_ALIGN``,
+    ``FACE_DETECT_GRID``), the model loading and
     reloading variables (``MODEL_LOAD_RETRIES``, ``MODEL_LOAD_BACKOFF_S``, ``GCS_TIMEOUT_S``,
     ``FALLBACK_TO_BUNDLED``, ``BUNDLED_MODEL_PATH``, ``RELOAD_INTERVAL_S``, ``ADMIN_TOKEN``), the
     ``OTEL_*`` variables that turn tracing on (see :mod:`app.tracing`), and ``PORT`` and
@@ -95,6 +96,10 @@ class Settings(BaseSettings):
     # Turn each face so its eyes are level and frame it as FER2013 does before classifying it;
     # false: the detector's box with a 10% margin (bench/results/alignment.md).
     face_align: bool = True
+    # Also look at large photos (shorter side 768 px or more at FACE_DETECT_MAX_SIDE) in a grid of
+    # squares (app.faces.windows): finds the small faces of a crowd, at 13 model runs instead of one;
+    # false: one run, faces under ~1/16 of the photo's shorter side are missed.
+    face_detect_grid: bool = True
 
     # Loading the model (app.reload). A transient failure at startup (GCS unreachable or slow, a
     # 5xx) is retried this many times, waiting MODEL_LOAD_BACKOFF_S, then twice that, and so on;

@@ -315,3 +315,18 @@ def test_a_face_cut_by_a_squares_inner_edge_is_left_to_the_other_windows() -> No
     rows = np.array([[10, 10, 50, 50], [580, 10, 640, 50], [-5, 10, 30, 50]], dtype=np.float32)
     # The square (0, 0, 600, 600) of a 1600x600 photo: its right edge is inside the photo, its left is the photo's.
     np.testing.assert_array_equal(faces.inside_window(rows, (0, 0, 600, 600), (1600, 600)), [True, False, True])
+
+
+def test_a_crowd_in_a_large_photo_is_found_in_a_grid_of_squares(detector: FaceDetector) -> None:
+    """Nine faces of ~100 px in a 1536x1536 JPEG: seen whole, they are 13 px in the model's input."""
+    crowd = Image.new("RGB", (1536, 1536))
+    for i in range(9):
+        crowd.paste(astronaut(), ((i % 3) * 512, (i // 3) * 512))
+    (whole, *squares) = faces.windows(crowd.size)
+    assert len(squares) == 9 and {s[2] for s in squares} == {768}
+    found, _ = locate_image(detector, jpeg(crowd), 40_000_000)
+    assert len(found) == 9
+    for face in found:
+        assert_astronaut_face((face.box[0] % 512, face.box[1] % 512, face.box[2], face.box[3]))
+    assert faces.windows(crowd.size, grid=False) == [whole]
+    assert len(FaceDetector(DetectorConfig(grid=False)).detect(crowd)) < 9  # the cost of one run

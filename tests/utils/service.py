@@ -56,6 +56,7 @@ SETTINGS_ENV = (
     "FACE_NMS_IOU",
     "FACE_DETECT_MAX_SIDE",
     "FACE_ALIGN",
+    "FACE_DETECT_GRID",
 )
 
 
