@@ -125,8 +125,14 @@ class FaceDetector:
 
     def detect(self, image: Image.Image) -> list[Detection]:
         """The faces in ``image``, in its pixel coordinates, left to right (then top to bottom)."""
-        found = [self._run(image, window) for window in windows(image.size, self.config.max_side, self.config.grid)]
+        # A large image (a PNG, TIFF... that the decoder could not reduce) is looked at through a copy
+        # reduced by a whole factor (box average, fast) to at least max_side: each window's crop and
+        # resize would otherwise touch every one of its pixels, up to MAX_IMAGE_PIXELS of them.
+        factor = max(1, max(image.size) // self.config.max_side)
+        small = image.reduce(factor) if factor > 1 else image
+        found = [self._run(small, window) for window in windows(small.size, self.config.max_side, self.config.grid)]
         rows, scores = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+        rows *= np.tile(np.array(image.size, dtype=np.float32) / np.array(small.size, dtype=np.float32), 8)
         merged = weighted_nms(rows, scores, self.config.nms_iou)
         min_side = MIN_FACE_PX * max(1.0, max(image.size) / self.config.max_side)
         detections = [to_detection(row, score, image.size) for row, score in merged if face_side(row) >= min_side]
