@@ -173,8 +173,8 @@ def windows(size: tuple[int, int], max_side: int = DETECT_MAX_SIDE, grid: bool =
     short, long = min(size), max(size)
     if grid and short * min(1.0, max_side / long) >= GRID_MIN_SIDE:
         side = math.ceil(short * GRID_SIDE)
-    elif long > WIDE_ASPECT * short:
-        side = short
+    elif long > WIDE_ASPECT * short and short >= INPUT_SIDE:
+        side = short  # a narrower strip (a 10000x1 banner...) would be thousands of windows
     else:
         return [(0, 0, width, height)]
     grid = [(x, y, side, side) for y in starts(height, side) for x in starts(width, side)]

@@ -309,6 +309,7 @@ def test_wide_photos_are_also_looked_at_in_overlapping_squares() -> None:
     assert squares[0][0] == 0 and squares[-1][0] + 600 == 1600  # from one end to the other
     assert all(b[0] - a[0] <= 450 for a, b in itertools.pairwise(squares))  # overlap >= 1/4
     assert faces.windows((300, 900))[1:] == [(0, 0, 300, 300), (0, 200, 300, 300), (0, 400, 300, 300), (0, 600, 300, 300)]
+    assert faces.windows((10000, 100)) == [(0, 0, 10000, 100)]  # a strip: no squares smaller than the model's input
 
 
 def test_a_face_cut_by_a_squares_inner_edge_is_left_to_the_other_windows() -> None:
