@@ -26,6 +26,7 @@ import argparse
 import functools
 import io
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "in_process": in_process(photos, args.runs, args.warmup),
         "http": http(photos, ["portrait_512", "large_2560x1912"], args.requests, args.warmup, roots),
         "opencv": cv2.__version__,
+        "load_average_1_5_15_min": os.getloadavg(),  # the machine is shared: how busy it was at the end
     }
     write_result(args.output, "faces", results, command_line("bench.faces", argv))
     for name, row in results["in_process"].items():
