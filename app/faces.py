@@ -177,8 +177,8 @@ def windows(size: tuple[int, int], max_side: int = DETECT_MAX_SIDE, grid: bool =
         side = short  # a narrower strip (a 10000x1 banner...) would be thousands of windows
     else:
         return [(0, 0, width, height)]
-    grid = [(x, y, side, side) for y in starts(height, side) for x in starts(width, side)]
-    return [(0, 0, width, height), *grid]
+    squares = [(x, y, side, side) for y in starts(height, side) for x in starts(width, side)]
+    return [(0, 0, width, height), *squares]
 
 
 def starts(length: int, side: int) -> list[int]:
