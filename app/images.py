@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -37,6 +38,17 @@ def configure_pillow(max_pixels: int) -> None:
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode the first frame of ``data``, upright per its EXIF orientation, as ``L`` or ``RGB``."""
+    return decode_image_reduced(data, max_pixels, None)[0]
+
+
+def decode_image_reduced(data: bytes, max_pixels: int, max_side: int | None) -> tuple[Image.Image, float]:
+    """:func:`decode_image`, except that a JPEG whose longer side is over ``max_side`` is decoded at
+    1/2, 1/4 or 1/8 of its size (the JPEG decoder's own reduction, Pillow's draft mode: a fraction
+    of the full decode's time), the smallest of these whose longer side is still ``max_side`` or more.
+
+    Returns the image and the scale from its pixels to the file's (1.0 when decoded at full size):
+    a box found in the image, multiplied by it, is in the original photo's pixels.
+    """
     try:
         image = Image.open(io.BytesIO(data), formats=_registered_formats())
     except UnidentifiedImageError:
@@ -54,8 +66,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise CorruptImage()
     try:
         image.seek(0)  # animated GIF/WebP/APNG, multi-page TIFF: the first frame
+        if max_side is not None and image.format in ("JPEG", "MPO") and max(width, height) > max_side:
+            ratio = max_side / max(width, height)
+            image.draft(None, (math.ceil(width * ratio), math.ceil(height * ratio)))  # before load: no full decode
         image.load()
-        return to_gray_or_rgb(_upright(image))
+        scale = width / image.width  # the same on both axes: the reduction is by a power of two
+        return to_gray_or_rgb(_upright(image)), scale
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge() from None
     except Exception as exc:  # truncated data, decoder errors: the client's file

@@ -9,8 +9,8 @@ request. A model that cannot be loaded does not crash the process: the reason is
 ERROR, ``/healthz`` stays 200 and ``/readyz`` answers 503, so the instance never receives
 traffic and the reason stays visible in its logs (unless ``FALLBACK_TO_BUNDLED`` asks for the
 bundled model instead). Transient GCS failures are retried first, and the model can be replaced
-while serving: see :mod:`app.loader`. The face detector ships inside the opencv
-package, so failing to load it is a broken install and does stop startup.
+while serving: see :mod:`app.loader`. The face detector ships inside the service (app/assets),
+so failing to load it is a broken install and does stop startup.
 
 Observability: Prometheus metrics at ``/metrics`` (:mod:`app.metrics`), one JSON access-log line
 per request (:mod:`app.access`, :mod:`app.logs`), and OpenTelemetry traces when the ``OTEL_*``
@@ -35,7 +35,7 @@ from app.access import RequestTelemetry
 from app.batching import MicroBatcher
 from app.concurrency import InferenceLimiter, RefuseWhenFull
 from app.errors import install_error_handlers
-from app.faces import CASCADE_PATH, FaceDetector, configure_opencv
+from app.faces import DetectorConfig, FaceDetector
 from app.images import configure_pillow
 from app.limits import MULTIPART_OVERHEAD, BodySizeLimit
 from app.loader import ModelLoader
@@ -47,16 +47,26 @@ from app.tracing import Tracing
 VERSION = "0.1.0"
 
 
+def detector_config(settings: Settings) -> DetectorConfig:
+    """The face detector's settings (FACE_*)."""
+    return DetectorConfig(
+        score_threshold=settings.face_score_threshold,
+        nms_iou=settings.face_nms_iou,
+        max_side=settings.face_detect_max_side,
+        align=settings.face_align,
+        grid=settings.face_detect_grid,
+    )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     tracing: Tracing = app.state.tracing
     threads = settings.resolved_inference_threads()
-    configure_opencv(threads)
     slots = settings.resolved_max_concurrent_inferences()
     app.state.limiter = InferenceLimiter(slots, settings.max_queue, metrics)
-    app.state.detector = await run_in_threadpool(FaceDetector, CASCADE_PATH, slots)  # one cascade per slot
+    app.state.detector = await run_in_threadpool(FaceDetector, detector_config(settings), threads=threads)
     # Created here, not in create_app: its lock and task belong to this event loop.
     app.state.loader = loader = ModelLoader(app.state, settings, metrics, tracing.tracer)
     await loader.load_at_startup()

@@ -25,8 +25,8 @@ from app import explain as explaining
 from app.batching import MicroBatcher
 from app.concurrency import InferenceLimiter
 from app.errors import ServiceError
-from app.faces import CROP_MARGIN, Box, FaceDetector, crop_faces, expand_box, whole_image_crop
-from app.images import decode_image
+from app.faces import Box, Detection, FaceDetector, crop_faces, crop_region, whole_image_crop
+from app.images import decode_image_reduced
 from app.metrics import Metrics
 from app.model import Prediction, Predictor
 from app.schemas import Explanation, Face
@@ -36,11 +36,11 @@ NO_TRACER = NoOpTracer()
 
 @dataclass(frozen=True)
 class Located:
-    """The faces found in one image: their boxes, the crops to classify, and where each crop lies."""
+    """The faces found in one image (in its pixels), the crops to classify, and where each crop lies."""
 
-    boxes: list[Box]
+    detections: list[Detection]
     crops: list[Image.Image]
-    regions: list[Box]  # the part of the image each crop shows (the box and its margin)
+    regions: list[Box]  # the part of the image each crop shows (app.faces.crop_region)
 
 
 Outcome = list[Face] | ServiceError  # one upload's faces, or why it has none
@@ -116,29 +116,11 @@ class Pipeline:
                 located.append(upload)
                 continue
             try:
-                located.append(self.locate(self.decode(upload)))
+                image, scale = decode(upload, self.max_pixels, self.detector, self.tracer)
+                located.append(locate(image, scale, self.detector, self.tracer))
             except ServiceError as exc:
                 located.append(exc)
         return located
-
-    def decode(self, data: bytes) -> Image.Image:
-        """:func:`~app.images.decode_image` in a ``decode`` span (a rejected file ends it in error)."""
-        with self.tracer.start_as_current_span("decode", attributes={"fer.bytes": len(data)}) as span:
-            image = decode_image(data, self.max_pixels)
-            span.set_attribute("fer.image.width", image.width)
-            span.set_attribute("fer.image.height", image.height)
-            return image
-
-    def locate(self, image: Image.Image) -> Located:
-        """The face boxes in ``image`` and the crops to classify; without a detector, the whole image."""
-        if self.detector is None:
-            whole = (0, 0, *image.size)
-            return Located([whole], [whole_image_crop(image)], [whole])  # shrunk: see whole_image_crop
-        with self.tracer.start_as_current_span("detect_faces") as span:
-            boxes = self.detector.detect(image)
-            span.set_attribute("fer.faces", len(boxes))
-        regions = [expand_box(box, CROP_MARGIN, *image.size) for box in boxes]
-        return Located(boxes, crop_faces(image, boxes), regions)
 
     def explain(self, located: Sequence[Located | ServiceError], outcomes: list[Outcome]) -> list[Outcome]:
         """``outcomes`` with an explanation for the largest faces of the request, in place (blocking:
@@ -149,7 +131,7 @@ class Pipeline:
             if isinstance(item, Located) and isinstance(faces, list)
             for j in range(len(faces))
         ]
-        chosen = [entries[k] for k in explaining.largest([item.boxes[j] for _, j, item in entries])]
+        chosen = [entries[k] for k in explaining.largest([item.detections[j].box for _, j, item in entries])]
         with self.tracer.start_as_current_span("explain", attributes={"fer.faces": len(chosen)}):
             heatmaps = explaining.explain(self.predictor, [item.crops[j] for _, j, item in chosen])
         for (faces, j, item), heatmap in zip(chosen, heatmaps, strict=True):
@@ -165,6 +147,33 @@ class Pipeline:
         return outcomes
 
 
+def decode(data: bytes, max_pixels: int, detector: FaceDetector | None, tracer: Tracer = NO_TRACER) -> tuple[Image.Image, float]:
+    """:func:`~app.images.decode_image_reduced` in a ``decode`` span (a rejected file ends it in error):
+    for a ``detector``, a large JPEG is decoded at reduced size; the scale back to the file's pixels
+    comes with it."""
+    max_side = detector.max_side if detector is not None else None
+    with tracer.start_as_current_span("decode", attributes={"fer.bytes": len(data)}) as span:
+        image, scale = decode_image_reduced(data, max_pixels, max_side)
+        span.set_attribute("fer.image.width", image.width)
+        span.set_attribute("fer.image.height", image.height)
+        return image, scale
+
+
+def locate(image: Image.Image, scale: float, detector: FaceDetector | None, tracer: Tracer = NO_TRACER) -> Located:
+    """The faces in ``image`` (reported in the pixels of an image ``scale`` times as large: the
+    file's) and the crops to classify; without a detector, the whole image is the one face."""
+    if detector is None:
+        whole = (0, 0, *image.size)
+        return Located([Detection(whole, 1.0)], [whole_image_crop(image)], [whole])  # shrunk: see whole_image_crop
+    with tracer.start_as_current_span("detect_faces") as span:
+        detections = detector.detect(image)
+        span.set_attribute("fer.faces", len(detections))
+    crops = crop_faces(image, detections, detector.align)
+    regions = [crop_region(d, image.size, detector.align) for d in detections]
+    scaled: list[Box] = [tuple(round(v * scale) for v in region) for region in regions]  # type: ignore[misc]
+    return Located([d.scaled(scale) for d in detections], crops, scaled)
+
+
 def crops_of(located: Sequence[Located | ServiceError]) -> list[Image.Image]:
     """Every crop to classify, in upload order."""
     return [crop for item in located if not isinstance(item, ServiceError) for crop in item.crops]
@@ -174,5 +183,9 @@ def assign(located: Sequence[Located | ServiceError], predictions: Sequence[Pred
     """Each upload's faces from its boxes and its share of ``predictions`` (:func:`crops_of`'s order)."""
     remaining = iter(predictions)
     return [
-        item if isinstance(item, ServiceError) else [Face(box=box, **next(remaining)) for box in item.boxes] for item in located
+        item if isinstance(item, ServiceError) else [to_face(d, next(remaining)) for d in item.detections] for item in located
     ]
+
+
+def to_face(detection: Detection, prediction: Prediction) -> Face:
+    return Face(box=detection.box, landmarks=detection.landmarks, **prediction)

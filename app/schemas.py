@@ -28,7 +28,9 @@ class Explanation(BaseModel):
         " lost when that region is hidden, relative to `max_drop`",
     )
     box: tuple[int, int, int, int] = Field(
-        description="x, y, width, height in the image of the crop the heatmap covers (the face box plus a margin)"
+        description="x, y, width, height in the image of the crop the heatmap covers: the face box plus a margin, or,"
+        " for a face turned upright by its eyes (FACE_ALIGN), the square of that crop around its centre (the heatmap is"
+        " in the upright face's frame)"
     )
     forward_passes: int = Field(examples=[37], description="model inputs evaluated for this face, in one batched pass")
     max_drop: float = Field(
@@ -47,6 +49,23 @@ class Face(BaseModel):
     emotion: str = Field(examples=["happy"])
     confidence: float = Field(ge=0.0, le=1.0, description="probability of `emotion`")
     scores: dict[str, float] = Field(description="probability per class, in the model's class order")
+    landmarks: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="the face's keypoints, x and y in pixels of the upright image (a face cut by the border may have"
+        " some just outside it): `right_eye`, `left_eye` (the person's own right and left: the right eye is on the"
+        " image's left for a face towards the camera), `nose_tip`, `mouth`, `right_ear`, `left_ear`;"
+        " empty with detect=false",
+        examples=[
+            {
+                "right_eye": [205.4, 102.3],
+                "left_eye": [246.9, 105.1],
+                "nose_tip": [224.6, 127.9],
+                "mouth": [223.4, 147.4],
+                "right_ear": [182.3, 109.8],
+                "left_ear": [271.2, 115.2],
+            }
+        ],
+    )
     explanation: Explanation | None = Field(
         default=None,
         description="where the model looked, with `explain=true` (at most 4 faces per request, the largest; null for the others"

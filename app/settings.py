@@ -35,7 +35,9 @@ class ConfigError(ValueError):
 class Settings(BaseSettings):
     """Read from the environment (no prefix, case-insensitive): ``MODEL_URI``, ``MAX_UPLOAD_BYTES``,
     ``MAX_IMAGE_PIXELS``, ``INFERENCE_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
-    ``MAX_QUEUE``, ``BATCH_MAX_SIZE``, ``BATCH_MAX_WAIT_MS``, the model loading and
+    ``MAX_QUEUE``, ``BATCH_MAX_SIZE``, ``BATCH_MAX_WAIT_MS``, the face detector's
+    (``FACE_SCORE_THRESHOLD``, ``FACE_NMS_IOU``, ``FACE_DETECT_MAX_SIDE``, ``FACE_ALIGN``,
+    ``FACE_DETECT_GRID``), the model loading and
     reloading variables (``MODEL_LOAD_RETRIES``, ``MODEL_LOAD_BACKOFF_S``, ``GCS_TIMEOUT_S``,
     ``FALLBACK_TO_BUNDLED``, ``BUNDLED_MODEL_PATH``, ``RELOAD_INTERVAL_S``, ``ADMIN_TOKEN``), the
     ``OTEL_*`` variables that turn tracing on (see :mod:`app.tracing`), and ``PORT`` and
@@ -74,6 +76,25 @@ class Settings(BaseSettings):
     # queued while the previous pass ran are batched, a lone request never waits. A wait adds up to
     # itself to every request's latency at low load, for little more throughput under load.
     batch_max_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+
+    # Face detection (app.faces, docs/faces.md): BlazeFace full-range on ONNX Runtime.
+    # Lowest detection score (0-1) a face is reported with: lower finds more faces (smaller,
+    # blurrier, more turned away) and more false ones; 0.5 is MediaPipe's own default.
+    face_score_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # Overlap (intersection over union) above which two detections are one face, merged by weighted
+    # non-maximum suppression; MediaPipe uses 0.3. Higher keeps more of two faces that overlap.
+    face_nms_iou: float = Field(default=0.3, gt=0.0, lt=1.0)
+    # Longer side, in pixels, of the image detection works at: a JPEG larger than this is decoded
+    # at 1/2, 1/4 or 1/8 size (no smaller than this), and faces under 48 px at this size are not
+    # reported. At least the model's 192-px input.
+    face_detect_max_side: int = Field(default=1024, ge=192, le=8192)
+    # Turn each face so its eyes are level and frame it as FER2013 does before classifying it;
+    # false: the detector's box with a 10% margin (bench/results/alignment.md).
+    face_align: bool = True
+    # Also look at large photos (shorter side 768 px or more at FACE_DETECT_MAX_SIDE) in a grid of
+    # squares (app.faces.windows): finds the small faces of a crowd, at 13 model runs instead of one;
+    # false: one run, faces under ~1/16 of the photo's shorter side are missed.
+    face_detect_grid: bool = True
 
     # Loading the model (app.reload). A transient failure at startup (GCS unreachable or slow, a
     # 5xx) is retried this many times, waiting MODEL_LOAD_BACKOFF_S, then twice that, and so on;

@@ -52,11 +52,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import cv2
 import httpx
 from PIL import Image
 
-from app.faces import CASCADE_PATH, Box, FaceDetector, configure_opencv, crop_faces, whole_image_crop
+from app.faces import Detection, FaceDetector, crop_faces, whole_image_crop
 from app.images import decode_image
 from app.model import Prediction, Predictor
 from app.settings import BUNDLED_MODEL, Settings
@@ -394,41 +393,37 @@ def bench_server(model: Path, images: list[BenchImage], args: argparse.Namespace
 
 
 def bench_in_process(model: Path, images: list[BenchImage], runs: int, warmup: int) -> dict[str, Any]:
-    """Our model in this process, one ONNX Runtime and one OpenCV thread, on the decoded images."""
-    cv_threads = cv2.getNumThreads()
-    configure_opencv(1)
-    try:
-        start = time.perf_counter()
-        predictor = Predictor.from_uri(str(model), threads=1)
-        predictor.warm_up()
-        out: dict[str, Any] = {"threads": 1, "load_s": time.perf_counter() - start}
-        detector = FaceDetector(CASCADE_PATH, pool_size=1)
-        for image in images:
-            decoded = decode_image(image.data, MAX_IMAGE_PIXELS)  # as the service decodes it
-            call = _classifier(predictor, detector if image.detect else None, decoded)
-            boxes, predictions = call()
-            out[image.name] = {
-                **latency_summary(time_calls(call, runs, warmup)),
-                "faces": len(boxes),
-                "emotion": predictions[0]["emotion"] if predictions else None,
-            }
-        return out
-    finally:
-        configure_opencv(cv_threads)
+    """Our model in this process, one ONNX Runtime thread each for detection and classification,
+    on the decoded images."""
+    start = time.perf_counter()
+    predictor = Predictor.from_uri(str(model), threads=1)
+    predictor.warm_up()
+    out: dict[str, Any] = {"threads": 1, "load_s": time.perf_counter() - start}
+    detector = FaceDetector(threads=1)
+    for image in images:
+        decoded = decode_image(image.data, MAX_IMAGE_PIXELS)  # as the service decodes it
+        call = _classifier(predictor, detector if image.detect else None, decoded)
+        detections, predictions = call()
+        out[image.name] = {
+            **latency_summary(time_calls(call, runs, warmup)),
+            "faces": len(detections),
+            "emotion": predictions[0]["emotion"] if predictions else None,
+        }
+    return out
 
 
 def _classifier(
     predictor: Predictor, detector: FaceDetector | None, image: Image.Image
-) -> Callable[[], tuple[list[Box], list[Prediction]]]:
+) -> Callable[[], tuple[list[Detection], list[Prediction]]]:
     """What ``POST /predict`` does after decoding: find the faces (or take the whole image), classify them."""
 
-    def call() -> tuple[list[Box], list[Prediction]]:
+    def call() -> tuple[list[Detection], list[Prediction]]:
         if detector is None:
-            boxes, crops = [(0, 0, *image.size)], [whole_image_crop(image)]
+            detections, crops = [Detection((0, 0, *image.size), 1.0)], [whole_image_crop(image)]
         else:
-            boxes = detector.detect(image)
-            crops = crop_faces(image, boxes)
-        return boxes, predictor.predict_faces(crops) if crops else []
+            detections = detector.detect(image)
+            crops = crop_faces(image, detections, detector.align)
+        return detections, predictor.predict_faces(crops) if crops else []
 
     return call
 

@@ -332,8 +332,8 @@ def test_detect_must_be_a_boolean(client: TestClient) -> None:
     assert r.status_code == 422
 
 
-def test_each_face_is_classified_from_its_crop(client: TestClient) -> None:
-    """The model sees the detected face with a margin, not the whole photo."""
+def spy_on_crops(client: TestClient) -> list[tuple[int, int]]:
+    """The sizes of the crops the model is given from now on, in order."""
     real = client.app.state.predictor
     seen: list[tuple[int, int]] = []
 
@@ -345,7 +345,24 @@ def test_each_face_is_classified_from_its_crop(client: TestClient) -> None:
             return real.predict_faces(faces)
 
     client.app.dependency_overrides[get_predictor] = Spy
+    return seen
+
+
+def test_each_face_is_classified_from_its_aligned_crop(client: TestClient) -> None:
+    """The model sees the face, squared and framed from its keypoints, not the whole photo."""
+    seen = spy_on_crops(client)
     (face,) = post_image(client, photo_jpeg("astronaut")).json()["faces"]
+    assert set(face["landmarks"]) == {"right_eye", "left_eye", "nose_tip", "mouth", "right_ear", "left_ear"}
+    (right_x, right_y), (left_x, left_y) = face["landmarks"]["right_eye"], face["landmarks"]["left_eye"]
+    assert right_x < left_x and abs(right_y - left_y) < 10  # her right eye on the image's left, both level
+    ((w, h),) = seen
+    assert w == h and face["box"][2] < w < 1.6 * face["box"][2]  # a square a bit larger than the box
+
+
+def test_without_alignment_the_crop_is_the_box_with_a_margin(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), FACE_ALIGN="false") as client:
+        seen = spy_on_crops(client)
+        (face,) = post_image(client, photo_jpeg("astronaut")).json()["faces"]
     _, _, w, h = expand_box(tuple(face["box"]), CROP_MARGIN, 512, 512)
     assert seen == [(w, h)]
     assert w > face["box"][2]  # the margin is there

@@ -143,3 +143,24 @@ def test_soak_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     summary = md.read_text()
     assert "| crop |" in summary and "| check | result |" in summary and "FAIL" not in summary
     assert summary in capsys.readouterr().out
+
+
+def test_faces_bench_counts_each_detectors_faces() -> None:
+    """bench.faces on its photos, one timed call each: BlazeFace finds every face and no other; the
+    cascade misses the 3/4-view cameraman (the reason it was replaced)."""
+    from bench.faces import bench_photos, in_process
+
+    rows = in_process(bench_photos(), runs=1, warmup=1)
+    for name, row in rows.items():
+        assert row["blazeface_onnx"]["faces_found"] == row["faces_present"], name
+        assert row["blazeface_onnx"]["median_ms"] > 0
+    assert rows["cameraman_3_4_view_grey"]["haar"]["faces_found"] == 0
+
+
+def test_alignment_sign_test() -> None:
+    from bench.alignment import sign_test
+
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 5) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)
+    assert sign_test(3, 12) == sign_test(12, 3) == pytest.approx(0.0352, abs=1e-4)

@@ -102,7 +102,9 @@ def test_explain_gives_a_heatmap_png_of_the_crop_size(client: TestClient) -> Non
     assert heat["forward_passes"] == explain.GRID**2 + 1
     x, y, w, h = heat["box"]
     fx, fy, fw, fh = face["box"]
-    assert x <= fx and y <= fy and fx + fw <= x + w and fy + fh <= y + h  # the crop holds the face
+    # The crop is the face, framed as FER2013 frames faces: around the face box's centre, of its size.
+    assert x <= fx + fw / 2 <= x + w and y <= fy + fh / 2 <= y + h
+    assert 0.8 < w / fw < 1.5 and 0.8 < h / fh < 1.5
     image = decode_png(heat["png"])
     assert image.size == (w, h) and image.mode == "RGBA"
     alpha = np.asarray(image)[..., 3]

@@ -103,9 +103,10 @@ async def predict(
 ) -> PredictResponse:
     """Find the faces in an image and classify the facial expression of each.
 
-    Faces are found with a frontal-face detector (upright faces looking roughly at the camera;
-    profiles and strongly tilted heads are missed). Each face is cropped with a small margin
-    and classified; `box` is the detected face, and faces are listed left to right. **An image in which no face is found is
+    Faces are found with a neural face detector (BlazeFace full-range: faces turned or tilted
+    well away from the camera too). Each face is turned so its eyes are level, cropped as the
+    training faces were, and classified; `box` is the detected face, `landmarks` its eyes, nose,
+    mouth and ears, and faces are listed left to right. **An image in which no face is found is
     answered 200 with `"faces": []`.**
 
     With `detect=false` the whole image is classified as one face crop, for images that are
