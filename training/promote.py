@@ -30,7 +30,7 @@ from training.export import SERVED_FILE, export_for_serving
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("if-better", "always", "never")
+POLICIES = ("if-better", "always", "never")  # TrainConfig.promote
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one path component, never "..": it names a folder
 
 
