@@ -303,16 +303,26 @@ class Change:
 Decide = Callable[[LatestPointer | None, list[Event]], Change | str]  # a refusal is its reason
 
 
-def promote(output: str | Path, candidate: LatestPointer, gate: Gate | None, actor: Actor, store: Store | None = None) -> Outcome:
+def promote(
+    output: str | Path,
+    candidate: LatestPointer,
+    gate: Gate | None,
+    actor: Actor,
+    store: Store | None = None,
+    fingerprint_of: Callable[[LatestPointer], str] | None = None,
+) -> Outcome:
     """Serve ``candidate`` (already published) if ``gate`` lets it replace the served model.
 
     ``gate=None`` forces it: the gate's verdict is still computed and recorded as the note.
-    Promoting the model already served changes nothing.
+    Promoting the model already served changes nothing. ``fingerprint_of`` finds the dataset
+    fingerprint of a served model whose ``latest.json`` predates the field (from its checkpoint).
     """
 
     def decide(current: LatestPointer | None, events: list[Event]) -> Change | str:
         if current is not None and (current.run_id, current.sha256) == (candidate.run_id, candidate.sha256):
             return f"run {candidate.run_id} is already the promoted model"
+        if current is not None and not current.dataset_fingerprint and fingerprint_of is not None:
+            current = replace(current, dataset_fingerprint=fingerprint_of(current))
         why_not = (gate or Gate()).refusal(candidate, current)
         if gate is not None and why_not:
             return why_not

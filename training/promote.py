@@ -19,6 +19,7 @@ import logging
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,23 @@ def publish_and_promote(
     )
     if policy == "never":
         return Outcome(False, f"published run {info.run_id} without promoting it (--promote never)", None)
-    return registry.promote(output, candidate, gate if policy == "if-better" else None, actor)
+    return registry.promote(
+        output, candidate, gate if policy == "if-better" else None, actor, fingerprint_of=served_fingerprint(output)
+    )
+
+
+def served_fingerprint(output: str) -> Callable[[LatestPointer], str]:
+    """For a served model whose ``latest.json`` has no dataset fingerprint (written before the
+    registry): the one in its published checkpoint, if that is the file served; "" otherwise."""
+
+    def fingerprint_of(current: LatestPointer) -> str:
+        try:
+            published = read_published(output, current.run_id)
+        except ValueError:
+            return ""
+        return published.dataset_fingerprint if published.sha256 == current.sha256 else ""
+
+    return fingerprint_of
 
 
 def describe(outcome: Outcome) -> str:
@@ -169,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             outcome = registry.rollback(args.output, actor)
         elif args.run:
             candidate = read_published(args.output, args.run)
-            outcome = registry.promote(args.output, candidate, None if args.force else gate, actor)
+            gate_or_none = None if args.force else gate
+            outcome = registry.promote(
+                args.output, candidate, gate_or_none, actor, fingerprint_of=served_fingerprint(args.output)
+            )
         else:
             outcome = _publish_checkpoint(args, gate, actor)
     except (ValueError, CheckpointError, FileNotFoundError) as exc:
