@@ -22,7 +22,7 @@ A conflict in step 3 (another publisher moved ``latest.json`` in between) starts
 so the gate is evaluated against the newer model: no update is lost and no decision rests on a
 stale pointer. On GCS the conditions are generation preconditions (``if_generation_match``),
 which Cloud Storage enforces; in a folder the whole transaction holds an exclusive lock
-(``fcntl.flock`` on ``.promotions.lock``), each file is replaced by an atomic rename, and the
+(``fcntl.flock`` on ``promotions.lock``), each file is replaced by an atomic rename, and the
 condition is the file's content digest (which also catches a writer that ignores the lock). A
 process dying after step 3 leaves the history one event short; the next transaction appends it
 from ``latest.json`` before anything else.
@@ -51,7 +51,7 @@ from fercore.storage import LATEST, LatestPointer
 log = logging.getLogger(__name__)
 
 HISTORY = "promotions.jsonl"
-LOCK = ".promotions.lock"
+LOCK = "promotions.lock"  # not a dot file: those are the temp files of atomic writes
 MAX_ATTEMPTS = 20  # transactions that lose a race this often in a row are not racing, they are stuck
 
 
@@ -255,19 +255,20 @@ class BucketStore:
         blob = bucket.get_blob(self._name(name))
         if blob is None:
             return None, "0"
+        generation = blob.generation  # before the download, which resets it from the response's headers
         try:  # the content of the generation just listed, not of a newer one
-            return blob.download_as_bytes(if_generation_match=blob.generation), str(blob.generation)
+            return blob.download_as_bytes(if_generation_match=generation), str(generation)
         except (PreconditionFailed, NotFound):
             raise Conflict(f"{name} changed while it was read") from None
 
     def write(self, name: str, data: bytes, if_generation: str) -> None:
         from google.api_core.exceptions import PreconditionFailed
 
-        blob = storage.gcs_client().bucket(self.bucket_name).blob(self._name(name))
+        uri = f"gs://{self.bucket_name}/{self._name(name)}"
         try:
-            blob.upload_from_string(data, content_type="application/json", if_generation_match=int(if_generation))
+            storage.write_bytes(uri, data, if_generation_match=int(if_generation))
         except PreconditionFailed:
-            raise Conflict(f"gs://{self.bucket_name}/{self._name(name)} changed since it was read") from None
+            raise Conflict(f"{uri} changed since it was read") from None
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # optimistic: the preconditions detect a race

@@ -114,11 +114,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_bytes(uri: str | Path, data: bytes) -> None:
-    """Write ``data`` to a local path (temp + rename) or a GCS object."""
+def write_bytes(uri: str | Path, data: bytes, if_generation_match: int | None = None) -> None:
+    """Write ``data`` to a local path (temp + rename) or a GCS object. ``if_generation_match``
+    (GCS only; 0: the object must not exist) makes the write conditional: Cloud Storage answers
+    412 (``google.api_core.exceptions.PreconditionFailed``) if the object is at another generation."""
     if is_gcs(uri):
         bucket, name = split_gcs(str(uri))
-        gcs_client().bucket(bucket).blob(name).upload_from_string(data)
+        gcs_client().bucket(bucket).blob(name).upload_from_string(data, if_generation_match=if_generation_match)
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
