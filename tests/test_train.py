@@ -178,6 +178,9 @@ def test_lr_schedule_shapes() -> None:
     assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0) and cos[-1] < 0.01
     one = [train.lr_factor(s, total, 0, "onecycle") for s in range(total)]
     assert one.index(max(one)) == 30 and one[-1] < 0.01
+    assert one[0] == pytest.approx(train.ONECYCLE_START)
+    warmed = [train.lr_factor(s, total, warm, "onecycle") for s in range(total)]  # rises over the warm-up
+    assert warmed.index(max(warmed)) == warm and warmed[0] == pytest.approx(train.ONECYCLE_START) and warmed[-1] < 0.01
 
 
 def test_wandb_offline_tracking(data_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
