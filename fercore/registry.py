@@ -353,8 +353,8 @@ def history(output: str | Path, store: Store | None = None) -> list[Event]:
     store = store or store_for(output)
     raw, _ = store.read(HISTORY)
     events = _parse_history(raw, storage.join(output, HISTORY))
-    latest, _ = store.read(LATEST)
-    own = _event_of(LatestPointer.from_dict(json.loads(latest))) if latest else None
+    current = _parse_latest(store.read(LATEST)[0])
+    own = _event_of(current) if current is not None else None
     if own is not None and own.seq not in {e.seq for e in events}:
         events.append(own)
     return events
@@ -395,7 +395,7 @@ def _transact(store: Store, decide: Decide, actor: Actor) -> Outcome:
 
 def _attempt(store: Store, decide: Decide, actor: Actor) -> Outcome:
     raw, generation = store.read(LATEST)
-    current = LatestPointer.from_dict(json.loads(raw), LATEST) if raw else None
+    current = _parse_latest(raw)
     events = _complete_history(store, current)
     verdict = decide(current, events)
     if isinstance(verdict, str):
@@ -417,6 +417,18 @@ def _attempt(store: Store, decide: Decide, actor: Actor) -> Outcome:
     log.info("%s: %s now serves run %s (%s)", event.action, LATEST, pointer.run_id, event.note)
     _append(store, event)
     return Outcome(True, event.note, pointer, event)
+
+
+def _parse_latest(raw: bytes | None) -> LatestPointer | None:
+    """The served pointer; None if there is none, or none the service could follow (a broken
+    hand edit): a promotion then replaces it as it would an empty registry."""
+    if raw is None:
+        return None
+    try:
+        return LatestPointer.from_dict(json.loads(raw), LATEST)
+    except ValueError as exc:  # JSONDecodeError included
+        log.warning("%s is unreadable (%s): treated as serving nothing", LATEST, exc)
+        return None
 
 
 def _complete_history(store: Store, current: LatestPointer | None) -> list[Event]:

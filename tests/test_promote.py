@@ -288,3 +288,13 @@ def test_gcs_race_without_preconditions(gcs, tmp_path: Path) -> None:
     registry.promote(prefix, candidate(prefix, tmp_path, "a", 0.60), Gate(), ACTOR, store=RacingStore(prefix, rival))
     events = registry.history(prefix)
     assert [e.run_id for e in events] == ["base", "b", "a"] and events[2].previous == events[0].pointer  # b was lost
+
+
+def test_an_unreadable_latest_json_is_replaced_by_a_promotion(tmp_path: Path) -> None:
+    """A broken hand edit: the service cannot follow it, so the gate treats it as serving nothing."""
+    uri = tmp_path / "models"
+    uri.mkdir()
+    (uri / storage.LATEST).write_text("{not json")
+    outcome = registry.promote(str(uri), candidate(str(uri), tmp_path, "fix", 0.5), Gate(), ACTOR)
+    assert outcome.promoted and storage.read_latest(uri).run_id == "fix" and served_file_matches(str(uri))
+    assert registry.history(str(uri))[0].previous is None
