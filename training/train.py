@@ -278,7 +278,7 @@ def load_teacher(path: str, device: torch.device, spec: PreprocessSpec) -> nn.Mo
 class RunData:
     """The data of a run: the training set on the device, the validation split on the host."""
 
-    data: FerData  # its fingerprint and source travel with every checkpoint
+    dataset: FerData  # its fingerprint and source travel with every checkpoint
     images: Tensor  # uint8 (N, 48, 48) on the device, ~66 MB for FER2013
     labels: Tensor  # int64 (N,)
     val: Split
@@ -308,6 +308,7 @@ class Run:
 
 
 def load_data(cfg: TrainConfig, data_source: str, spec: PreprocessSpec, device: torch.device) -> RunData:
+    """Decode ``data_source``, split off the validation set, move the training set to ``device``."""
     t0 = time.perf_counter()
     data = load_fer2013(data_source, spec, skip_bad=cfg.skip_bad)
     train_split, val_split, val_desc = train_val_split(data, cfg.val_fraction, cfg.seed)
@@ -374,8 +375,8 @@ def setup(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | 
         state = RunState(run_id=new_run_id(cfg))
     else:
         state = restore(resume, optimizer, scheduler, generator)
-        if resume.dataset_fingerprint != data.data.fingerprint:
-            log.warning("resuming on different data (%s != %s)", data.data.fingerprint, resume.dataset_fingerprint)
+        if resume.dataset_fingerprint != data.dataset.fingerprint:
+            log.warning("resuming on different data (%s != %s)", data.dataset.fingerprint, resume.dataset_fingerprint)
     folder = open_folder(cfg, output, state.run_id)
     log.info("run %s in %s: %s, %d parameters", state.run_id, folder, cfg.model, count_parameters(model))
     teacher = load_teacher(cfg.teacher, device, spec) if cfg.teacher else None
@@ -411,7 +412,7 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
     state.history.append(row)
     state.epoch = epoch
     improved = report["accuracy"] > state.best_val_accuracy
-    common = {"preprocessing": run.spec, "dataset_fingerprint": run.data.data.fingerprint, "run_id": state.run_id}
+    common = {"preprocessing": run.spec, "dataset_fingerprint": run.data.dataset.fingerprint, "run_id": state.run_id}
     if improved:
         state.best_val_accuracy, state.best_epoch = report["accuracy"], epoch
         best = make_checkpoint(run.model, run.model_cfg, metrics=_summary(row), **common)
@@ -469,21 +470,21 @@ def write_report_files(run: Run, best: Checkpoint, report: dict[str, Any], metri
     title = f"{run.cfg.model} on {run.data.val_desc}: acc {report['accuracy']:.3f}"
     plot_confusion_matrix(report["confusion_matrix"], best.classes, work / "confusion_matrix.png", title)
     plot_curves(history, work / "curves.png")
-    write_model_card(work / "MODEL_CARD.md", best, report, run.cfg, run.data.data.source, run.data.val_desc, history)
+    write_model_card(work / "MODEL_CARD.md", best, report, run.cfg, run.data.dataset.source, run.data.val_desc, history)
 
 
 def publish(run: Run, best: Checkpoint) -> registry.Outcome:
     """Publish the run folder (without its resume state) and the serving exports, then promote."""
     private = {"last.pt", "best.pt", storage.RUN_POINTER}
     files = {p.name: p for p in run.folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in private}
-    files.update(export_for_serving(run.folder / "model.pt", run.data.data.source))
+    files.update(export_for_serving(run.folder / "model.pt", run.data.dataset.source))
     info = storage.LatestPointer(
         run_id=run.state.run_id,
         path="",
         sha256="",
         metrics=best.metrics,
         created_at=best.created_at,
-        dataset_fingerprint=run.data.data.fingerprint,
+        dataset_fingerprint=run.data.dataset.fingerprint,
     )
     gate = registry.Gate(tolerance=run.cfg.promote_tolerance, min_accuracy=run.cfg.promote_min_accuracy)
     return promote.publish_and_promote(run.output, files, info, run.cfg.promote, gate, registry.Actor.here("training.train"))
