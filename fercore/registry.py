@@ -255,11 +255,14 @@ class BucketStore:
         blob = bucket.get_blob(self._name(name))
         if blob is None:
             return None, "0"
-        generation = blob.generation  # before the download, which resets it from the response's headers
-        try:  # the content of the generation just listed, not of a newer one
-            return blob.download_as_bytes(if_generation_match=generation), str(generation)
+        generation = blob.generation
+        # The content of the generation just listed, not of a newer one. A fresh Blob: the listed
+        # one's mediaLink names the host it was uploaded through (an emulator behind a proxy).
+        try:
+            data = bucket.blob(self._name(name)).download_as_bytes(if_generation_match=generation)
         except (PreconditionFailed, NotFound):
             raise Conflict(f"{name} changed while it was read") from None
+        return data, str(generation)
 
     def write(self, name: str, data: bytes, if_generation: str) -> None:
         from google.api_core.exceptions import PreconditionFailed
