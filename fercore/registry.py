@@ -346,6 +346,8 @@ def rollback(output: str | Path, actor: Actor, store: Store | None = None) -> Ou
         if len(stack) < 2:
             return f"run {current.run_id} is the first promoted model: there is nothing to roll back to"
         target = LatestPointer.from_dict(stack[-2], "history")
+        if not storage.exists(target.model_uri(output)):  # a run deleted by hand since
+            return f"run {target.run_id} cannot be served again: {target.path} is gone"
         return Change(target, "rollback", forced=True, note=f"rolled back from run {current.run_id}")
 
     return _transact(store or store_for(output), decide, actor)

@@ -153,6 +153,14 @@ def read_bytes(uri: str | Path, timeout: float | None = None) -> bytes:
     return Path(uri).read_bytes()
 
 
+def exists(uri: str | Path) -> bool:
+    """Whether a local file or GCS object is there."""
+    if is_gcs(uri):
+        bucket, name = split_gcs(str(uri))
+        return gcs_client().bucket(bucket).get_blob(name) is not None
+    return Path(uri).is_file()
+
+
 class IncompleteDownload(ConnectionError):
     """A download ended with fewer (or more) bytes than the object holds: the connection was cut
     short. A :class:`ConnectionError`, so :func:`is_transient` says to try again."""

@@ -149,6 +149,11 @@ def test_promote_policies_and_repeated_rollbacks(tmp_path: Path) -> None:
     assert registry.rollback(uri, ACTOR).pointer.run_id == "r1"  # type: ignore[union-attr]
     last = registry.rollback(uri, ACTOR)
     assert not last.promoted and "nothing to roll back to" in last.reason
+    registry.promote(uri, storage.read_run(uri, "r0"), None, ACTOR)
+    (tmp_path / "models" / "r1" / "model.pt").unlink()  # a run deleted by hand
+    gone = registry.rollback(uri, ACTOR)
+    assert not gone.promoted and "run r1 cannot be served again: r1/model.pt is gone" in gone.reason
+    assert storage.read_latest(uri).run_id == "r0"
 
 
 def test_an_older_latest_json_reads_and_is_rolled_back_to(tmp_path: Path) -> None:
