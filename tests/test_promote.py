@@ -303,3 +303,19 @@ def test_an_unreadable_latest_json_is_replaced_by_a_promotion(tmp_path: Path) ->
     outcome = registry.promote(str(uri), candidate(str(uri), tmp_path, "fix", 0.5), Gate(), ACTOR)
     assert outcome.promoted and storage.read_latest(uri).run_id == "fix" and served_file_matches(str(uri))
     assert registry.history(str(uri))[0].previous is None
+
+
+def test_a_run_publishes_every_file_and_serves_the_one_named(tmp_path: Path) -> None:
+    """The served file is a parameter (the ONNX export serves model.int8.onnx); every file's sha256 is recorded."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {name: src / name for name in ("model.pt", "model.onnx", "metrics.json")}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+    uri = tmp_path / "models"
+    pointer = storage.publish_run(uri, "r", files, serve_name="model.onnx")
+    assert (pointer.path, pointer.sha256) == ("r/model.onnx", hashlib.sha256(b"model.onnx").hexdigest())
+    assert pointer.files == {name: hashlib.sha256(name.encode()).hexdigest() for name in files}
+    assert storage.read_latest(uri) == pointer and served_file_matches(str(uri))
+    with pytest.raises(ValueError, match=r"must include model\.int8\.onnx"):
+        storage.publish_run(uri, "s", files, serve_name="model.int8.onnx")
