@@ -10,23 +10,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Installs from the locks (requirements/*.txt, written by `make lock`): every package at its
-# locked version and sha256; then PyTorch at requirements/torch.txt's versions from the index
-# pip is configured with (PyPI, or a CPU wheel index through PIP_EXTRA_INDEX_URL as in CI); then
-# the project itself, without dependencies. pip check fails a lock that lacks a dependency
-# pyproject.toml asks for (run `make lock`).
+# locked version and sha256; then the project itself, without dependencies. pip check fails a
+# lock that lacks a dependency pyproject.toml asks for (run `make lock`).
 define install-locked
 	$(BIN)/pip install --require-hashes -r requirements/$(1).txt
-	$(BIN)/pip install -r requirements/torch.txt
 	$(BIN)/pip install --no-deps -e .
 	$(BIN)/pip check
 endef
 
-# The service: shared core + app (and the `gcp` extra), no training dependencies; the service
-# image's lock.
+# The service: shared core + app on ONNX Runtime (and the `gcp` extra); no PyTorch, no training
+# dependencies; the service image's lock.
 install: $(BIN)/python
 	$(call install-locked,api)
 
+# Training and tests: PyTorch at requirements/torch.txt's versions, from the index pip is
+# configured with (PyPI, or a CPU wheel index through PIP_EXTRA_INDEX_URL as in CI).
 install-dev: $(BIN)/python
+	$(BIN)/pip install -r requirements/torch.txt
 	$(call install-locked,dev)
 
 # Rewrites requirements/{api,train,dev}.txt from pyproject.toml (scripts/lock.sh), with the uv
@@ -37,7 +37,7 @@ lock: $(BIN)/python
 	UV=$(BIN)/uv bash scripts/lock.sh
 
 serve: install
-	$(BIN)/uvicorn app.main:app --host 0.0.0.0 --port $(PORT)
+	PORT=$(PORT) $(BIN)/python -m app.serve
 
 lint:
 	$(BIN)/ruff check .

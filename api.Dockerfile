@@ -1,4 +1,4 @@
-# The service image: the FastAPI app on CPU-only PyTorch, no training dependencies.
+# The service image: the FastAPI app on ONNX Runtime; no PyTorch, no training dependencies.
 #
 #   docker build -f api.Dockerfile -t fer-api .
 #   docker run --rm -p 8080:8080 fer-api                                   # the bundled model
@@ -9,11 +9,6 @@
 # uses the startup (/readyz) and liveness (/healthz) probes that cloudbuild.yaml deploys with.
 FROM python:3.11.14-slim-bookworm
 
-# CPU wheels of PyTorch: a fraction of the size of PyPI's CUDA builds. Override the index to
-# use a mirror. The versions are requirements/torch.txt's, the same as the tests' and the
-# training image's.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -23,14 +18,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /srv
 
-# Dependencies first, from the locks alone: editing the code reuses these layers. PyTorch from
-# the CPU index only (with the dependencies that index has for it); then every other package at
+# Dependencies first, from the lock alone: editing the code reuses this layer. Every package at
 # the version and sha256 of requirements/api.txt (`make lock`: the dependencies and the `gcp`
-# extra, the Cloud Trace exporter), which also moves torch's own dependencies to their locked
-# versions. Nothing in the lock asks for torch, so it stays the CPU build; pip check proves the
-# result consistent.
-COPY requirements/torch.txt requirements/torch.txt
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r requirements/torch.txt
+# extra, the Cloud Trace exporter); pip check proves the result consistent.
 COPY requirements/api.txt requirements/api.txt
 RUN pip install --no-cache-dir --require-hashes -r requirements/api.txt \
     && pip check
@@ -40,11 +30,12 @@ RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin app
 
 # The source (run from /srv, not installed, so settings.BUNDLED_MODEL resolves to
-# /srv/models/fer-compact.pt) and the bundled model: served when MODEL_URI is unset, and the
-# fallback when FALLBACK_TO_BUNDLED=true.
+# /srv/models/fer-compact.int8.onnx) and the bundled model: served when MODEL_URI is unset, and
+# the fallback when FALLBACK_TO_BUNDLED=true. Only its served ONNX file: the checkpoint and the
+# fp32 export are for training.
 COPY fercore ./fercore
 COPY app ./app
-COPY models ./models
+COPY models/fer-compact.int8.onnx models/MODEL_CARD.md ./models/
 
 # Numeric, so a platform that enforces non-root (runAsNonRoot) can check it.
 USER 10001:10001

@@ -9,7 +9,7 @@ Requests hand their face crops to a :class:`MicroBatcher` and await their own pr
   ``max_wait_s``. Requests that arrived while the previous batch ran are already there, so under
   load batches form without any waiting; with ``max_wait_s`` 0, the wait is only that;
 * the batch runs in the batcher's one worker thread (one forward pass at a time; its intra-op
-  threads are torch's own), then each request's future gets its slice of the predictions, or,
+  threads are ONNX Runtime's own), then each request's future gets its slice of the predictions, or,
   if the pass failed, the exception;
 * a request's faces never span two batches; one with more than ``max_size`` faces (a
   ``/predict/batch`` of group photos) is a batch of its own. Requests served by different
@@ -20,10 +20,8 @@ slots; a request waiting here has left its slot but is still *admitted*, so the 
 on requests in progress (running + waiting, beyond which 503) covers the batch queue too.
 
 One pass runs at a time, so a slow pass delays every request queued behind it. The worker is a
-CPU consumer beside the slots' decoding and detection: with OpenMP's default wait policy, its
-idle threads spin after each pass and slow detection down (photos 20 % slower than without
-batching in ``bench/results/service_configs.json``); the service's ``OMP_WAIT_POLICY=PASSIVE``
-(:mod:`app`) removes that.
+CPU consumer beside the slots' decoding and detection, which is why ONNX Runtime's threads sleep
+rather than spin between passes (:func:`fercore.classifier.session_options`).
 
 Tracing: each request gets a ``classify`` span (its wait plus the pass it joined, with the batch's
 size); the pass itself is a ``batch`` span, the child of the first request's ``classify`` span,

@@ -1,4 +1,8 @@
-"""Per-request dependencies. Tests override them with ``app.dependency_overrides``."""
+"""Per-request dependencies. Tests override them with ``app.dependency_overrides``.
+
+All are ``async def``: they only read ``app.state``, and FastAPI would run a plain ``def`` dependency
+in the threadpool, a thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -19,19 +23,19 @@ from app.model import Predictor
 from app.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_predictor(request: Request) -> Predictor:
+async def get_predictor(request: Request) -> Predictor:
     predictor: Predictor | None = request.app.state.predictor
     if predictor is None:
         raise ModelNotReady()
     return predictor
 
 
-def get_loader(request: Request) -> ModelLoader:
+async def get_loader(request: Request) -> ModelLoader:
     loader: ModelLoader | None = request.app.state.loader
     if loader is None:  # only before the lifespan has run
         raise ModelNotReady()
@@ -43,7 +47,7 @@ def get_loader(request: Request) -> ModelLoader:
 _bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN")
 
 
-def require_admin(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+async def require_admin(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """The request carries ``Authorization: Bearer <ADMIN_TOKEN>``; 404 when no token is configured."""
     settings: Settings = request.app.state.settings
     if settings.admin_token is None:
@@ -54,32 +58,32 @@ def require_admin(request: Request, credentials: Annotated[HTTPAuthorizationCred
         raise NotAuthenticated()
 
 
-def get_detector(request: Request) -> FaceDetector:
+async def get_detector(request: Request) -> FaceDetector:
     detector: FaceDetector | None = request.app.state.detector
     if detector is None:  # only before the lifespan has run
         raise ModelNotReady()
     return detector
 
 
-def get_limiter(request: Request) -> InferenceLimiter:
+async def get_limiter(request: Request) -> InferenceLimiter:
     limiter: InferenceLimiter | None = request.app.state.limiter
     if limiter is None:  # only before the lifespan has run
         raise ModelNotReady()
     return limiter
 
 
-def get_batcher(request: Request) -> MicroBatcher | None:
+async def get_batcher(request: Request) -> MicroBatcher | None:
     """The micro-batcher; None when BATCH_MAX_SIZE is 1 (each request classifies its own faces)."""
     batcher: MicroBatcher | None = request.app.state.batcher
     return batcher
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_tracer(request: Request) -> Tracer:
+async def get_tracer(request: Request) -> Tracer:
     """The app's tracer: a no-op one when tracing is off."""
     tracer: Tracer = request.app.state.tracing.tracer
     return tracer

@@ -38,12 +38,12 @@ MAX_BACKOFF_S = 300.0
 
 
 def load_predictor(
-    uri: str, tracer: Tracer, timeout: float | None = None, fallback_error: str = "", optimize: bool = True
+    uri: str, tracer: Tracer, timeout: float | None = None, fallback_error: str = "", threads: int = 1
 ) -> Predictor:
     """Load and warm up the model at ``uri``; ``fallback_error`` marks it as served in place of
-    MODEL_URI's model, which failed to load for that reason; ``optimize``: OPTIMIZE_MODEL. Blocking:
-    run it in a worker thread."""
-    predictor = Predictor.from_uri(uri, timeout=timeout, optimize=optimize)
+    MODEL_URI's model, which failed to load for that reason; ``threads``: INFERENCE_THREADS.
+    Blocking: run it in a worker thread."""
+    predictor = Predictor.from_uri(uri, timeout=timeout, threads=threads)
     predictor.warm_up()
     predictor.tracer = tracer  # after the warm-up: its inference is no request's
     if fallback_error:
@@ -73,7 +73,7 @@ class ModelLoader:
         self.metrics = metrics
         self.tracer = tracer
         self.uri = settings.resolved_model_uri()
-        self.optimize = settings.optimize_model
+        self.threads = settings.resolved_inference_threads()
         self.last_reload_at: str | None = None  # when the last reload check ended, whatever it found
         self.last_reload_error: str | None = None  # why it failed; None if it succeeded or found nothing new
         self._lock = asyncio.Lock()  # one reload at a time: a second waits, then finds nothing new
@@ -93,7 +93,7 @@ class ModelLoader:
                 return
             log.error("model not loaded: %s; falling back to the bundled model %s (FALLBACK_TO_BUNDLED)", exc, bundled)
             try:
-                predictor = await run_in_threadpool(load_predictor, bundled, self.tracer, None, str(exc), self.optimize)
+                predictor = await run_in_threadpool(load_predictor, bundled, self.tracer, None, str(exc), self.threads)
             except ModelLoadError as fallback_exc:
                 self.metrics.model_load_failed()
                 log.error("the bundled model did not load either, the service will not become ready: %s", fallback_exc)
@@ -107,7 +107,7 @@ class ModelLoader:
         for attempt in range(1, attempts + 1):
             try:
                 return await run_in_threadpool(
-                    load_predictor, self.uri, self.tracer, self.settings.gcs_timeout_s, optimize=self.optimize
+                    load_predictor, self.uri, self.tracer, self.settings.gcs_timeout_s, threads=self.threads
                 )
             except ModelLoadError as exc:
                 if not exc.transient:
@@ -148,7 +148,7 @@ class ModelLoader:
             wanted = await run_in_threadpool(source_sha256, self.uri, timeout)
             if wanted is not None and wanted == serving:
                 return ReloadOutcome(reloaded=False, version=version)
-            new = await run_in_threadpool(load_predictor, self.uri, self.tracer, timeout, optimize=self.optimize)
+            new = await run_in_threadpool(load_predictor, self.uri, self.tracer, timeout, threads=self.threads)
         except Exception as exc:
             self.metrics.model_load_failed()
             still = f"still serving {version}" if current else "no model served"

@@ -1,4 +1,7 @@
-"""The app factory. ``uvicorn app.main:app`` serves :data:`app`; tests call :func:`create_app`.
+"""The app factory: :func:`create_app` builds an app and changes nothing process-wide (tests call it);
+:func:`serve_app` is what the entry points run (``python -m app.serve``, the image's and ``make
+serve``'s, or ``uvicorn --factory app.main:serve_app``): it configures the process once (JSON
+logging, Pillow's decompression-bomb limit), then builds the app from the environment.
 
 Settings are read when the app is created (an invalid value stops startup with a
 :class:`~app.settings.ConfigError`); the model is loaded in the lifespan, before the first
@@ -23,7 +26,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
@@ -50,10 +52,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     tracing: Tracing = app.state.tracing
-    threads = settings.resolved_torch_threads()
-    torch.set_num_threads(threads)
+    threads = settings.resolved_inference_threads()
     configure_opencv(threads)
-    configure_pillow(settings.max_image_pixels)
     slots = settings.resolved_max_concurrent_inferences()
     app.state.limiter = InferenceLimiter(slots, settings.max_queue, metrics)
     app.state.detector = await run_in_threadpool(FaceDetector, CASCADE_PATH, slots)  # one cascade per slot
@@ -109,11 +109,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.model.router)
     app.include_router(routes.predict.router)
     app.include_router(routes.metrics.router)
+    app.include_router(routes.page.router)  # GET /: the page people use (app/static/)
     if settings.admin_token is not None:  # no token, no admin endpoint: a 404, and absent from /docs
         app.include_router(routes.admin.router)
     tracing.instrument(app)  # around the whole stack: the request span is current in every middleware
     return app
 
 
-configure_logging()
-app = create_app()
+def serve_app() -> FastAPI:
+    """The served app: the process configured once, then :func:`create_app` from the environment.
+
+    Process-wide, so here and not in :func:`create_app`: JSON logs for Cloud Logging, and Pillow's
+    own decompression-bomb guard set to MAX_IMAGE_PIXELS (:func:`app.images.decode_image` checks
+    the limit itself too, so an app built without this refuses the same images).
+    """
+    configure_logging()
+    settings = load_settings()
+    configure_pillow(settings.max_image_pixels)
+    return create_app(settings)

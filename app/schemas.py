@@ -18,6 +18,28 @@ class ErrorBody(BaseModel):
     detail: str = Field(examples=["empty file"])
 
 
+class Explanation(BaseModel):
+    """Where the model looked for one face: occlusion sensitivity (see ``app.explain``)."""
+
+    method: str = Field(examples=["occlusion"], description="`occlusion`: patches of the model input hidden one at a time")
+    emotion: str = Field(examples=["happy"], description="the class explained: the face's predicted emotion")
+    png: str = Field(
+        description="base64 RGBA PNG of the face crop's size: colour and opacity grow with the share of `emotion`'s probability"
+        " lost when that region is hidden, relative to `max_drop`",
+    )
+    box: tuple[int, int, int, int] = Field(
+        description="x, y, width, height in the image of the crop the heatmap covers (the face box plus a margin)"
+    )
+    forward_passes: int = Field(examples=[37], description="model inputs evaluated for this face, in one batched pass")
+    max_drop: float = Field(
+        ge=0.0,
+        le=1.0,
+        examples=[0.16],
+        description="share of `emotion`'s probability lost when the most telling region is hidden; the PNG is scaled so that"
+        " region is fully hot (unless under 0.01: then the map stays faint)",
+    )
+
+
 class Face(BaseModel):
     box: tuple[int, int, int, int] = Field(
         description="x, y, width, height in pixels of the upright image: the detected face, or the whole image with detect=false"
@@ -25,6 +47,11 @@ class Face(BaseModel):
     emotion: str = Field(examples=["happy"])
     confidence: float = Field(ge=0.0, le=1.0, description="probability of `emotion`")
     scores: dict[str, float] = Field(description="probability per class, in the model's class order")
+    explanation: Explanation | None = Field(
+        default=None,
+        description="where the model looked, with `explain=true` (at most 4 faces per request, the largest; null for the others"
+        " and without `explain`)",
+    )
 
 
 class ModelRef(BaseModel):

@@ -1,4 +1,5 @@
-"""The service image's entry point: ``python -m app.serve`` serves :data:`app.main.app` on ``$PORT``.
+"""The service's entry point (the image's and ``make serve``'s): ``python -m app.serve`` serves
+:func:`app.main.serve_app` on ``$PORT``.
 
 Cloud Run tells the container which port to listen on through ``PORT`` (8080 unless set
 otherwise); an exec-form ``ENTRYPOINT`` cannot expand a variable itself, hence this module rather
@@ -41,7 +42,8 @@ def main() -> int:
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         uvicorn.run(
-            "app.main:app",
+            "app.main:serve_app",
+            factory=True,
             host=HOST,
             port=settings.port,
             # Cloud Run's front end terminates TLS and sets X-Forwarded-Proto/For: trust it, so

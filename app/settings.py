@@ -6,17 +6,17 @@ that names the variable and says what is wrong with it.
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import app
+from fercore.cpus import available_cpus
 
-# The model shipped inside the service image, used when MODEL_URI is unset.
-BUNDLED_MODEL = Path(app.__file__).resolve().parent.parent / "models" / "fer-compact.pt"
+# The model shipped inside the service image, used when MODEL_URI is unset: the int8 ONNX export of
+# models/fer-compact.pt (models/MODEL_CARD.md).
+BUNDLED_MODEL = Path(app.__file__).resolve().parent.parent / "models" / "fer-compact.int8.onnx"
 
 
 # Values of OTEL_TRACES_EXPORTER the service understands (app.tracing builds them).
@@ -34,8 +34,8 @@ class ConfigError(ValueError):
 
 class Settings(BaseSettings):
     """Read from the environment (no prefix, case-insensitive): ``MODEL_URI``, ``MAX_UPLOAD_BYTES``,
-    ``MAX_IMAGE_PIXELS``, ``TORCH_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
-    ``MAX_QUEUE``, ``BATCH_MAX_SIZE``, ``BATCH_MAX_WAIT_MS``, ``OPTIMIZE_MODEL``, the model loading and
+    ``MAX_IMAGE_PIXELS``, ``INFERENCE_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
+    ``MAX_QUEUE``, ``BATCH_MAX_SIZE``, ``BATCH_MAX_WAIT_MS``, the model loading and
     reloading variables (``MODEL_LOAD_RETRIES``, ``MODEL_LOAD_BACKOFF_S``, ``GCS_TIMEOUT_S``,
     ``FALLBACK_TO_BUNDLED``, ``BUNDLED_MODEL_PATH``, ``RELOAD_INTERVAL_S``, ``ADMIN_TOKEN``), the
     ``OTEL_*`` variables that turn tracing on (see :mod:`app.tracing`), and ``PORT`` and
@@ -44,22 +44,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, env_ignore_empty=True, extra="ignore")
 
     # The port ``python -m app.serve`` (the service image's entry point) listens on; Cloud Run sets
-    # PORT. ``uvicorn app.main:app`` and ``make serve`` take theirs on the command line instead.
+    # PORT; ``make serve`` passes its own PORT.
     port: int = Field(default=8080, ge=1, le=65535)
     # Seconds ``python -m app.serve`` lets in-flight requests finish after SIGTERM (it stops accepting
     # connections at once); then they are cancelled and the process exits. Cloud Run sends SIGKILL
     # 10 s after SIGTERM: the default leaves 2 s for the rest of the shutdown.
     shutdown_timeout_s: int = Field(default=8, ge=0, le=3600)
 
-    # A local checkpoint file, a local folder holding latest.json, or gs://bucket/prefix (a
-    # folder with latest.json) or gs://bucket/path.pt. Unset: the bundled model.
+    # A local ONNX model file, a local folder holding latest.json, or gs://bucket/prefix (a
+    # folder with latest.json) or gs://bucket/path.onnx. Unset: the bundled model.
     model_uri: str | None = None
     # Largest accepted upload (the image file itself), in bytes.
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     # Largest accepted image, in pixels (width * height), checked before decoding.
     max_image_pixels: int = Field(default=40_000_000, gt=0)
-    # Torch intra-op threads; 0 means one per CPU this process may use (affinity, capped by the cgroup quota).
-    torch_threads: int = Field(default=0, ge=0, le=1024)
+    # ONNX Runtime intra-op threads of a forward pass; 0: one per CPU this process may use (affinity, cgroup quota).
+    inference_threads: int = Field(default=0, ge=0, le=1024)
     # Most files in one ``POST /predict/batch`` request (Starlette's parser stops at 1000 parts).
     max_batch_files: int = Field(default=16, ge=1, le=1000)
     # Inferences (decode + detect + classify) running at once; 0 means one per CPU.
@@ -68,17 +68,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=0, le=100_000)
     # Micro-batching (app.batching): the faces of concurrent requests classified in one forward pass
     # of at most BATCH_MAX_SIZE faces; 1 turns it off (each request runs its own pass in its slot).
-    # On by default: 1.2x and 1.4x the 48x48-crop throughput of no batching at concurrency 8 and 32,
-    # photos unchanged, no cost at concurrency 1 (bench/results/service_configs.json).
+    # On by default: see bench/results/serving.json for what it gives.
     batch_max_size: int = Field(default=32, ge=1, le=1024)
     # Longest the oldest face of a batch waits for others to join it, in ms; 0: only the faces that
     # queued while the previous pass ran are batched, a lone request never waits. A wait adds up to
     # itself to every request's latency at low load, for little more throughput under load.
     batch_max_wait_ms: float = Field(default=0.0, ge=0, le=1000)
-    # Rewrite the network for CPU inference when it is loaded (fercore.optimize: BatchNorm folded into
-    # the convolutions, oneDNN convolutions with fused ReLU; the same probabilities up to float
-    # rounding, checked at load); false: serve it exactly as the checkpoint builds it.
-    optimize_model: bool = True
 
     # Loading the model (app.reload). A transient failure at startup (GCS unreachable or slow, a
     # 5xx) is retried this many times, waiting MODEL_LOAD_BACKOFF_S, then twice that, and so on;
@@ -164,8 +159,8 @@ class Settings(BaseSettings):
         """``MODEL_URI``, or the bundled model's path when it is unset."""
         return self.model_uri or str(self.bundled_model_path)
 
-    def resolved_torch_threads(self) -> int:
-        return self.torch_threads or available_cpus()
+    def resolved_inference_threads(self) -> int:
+        return self.inference_threads or available_cpus()
 
     def resolved_max_concurrent_inferences(self) -> int:
         return self.max_concurrent_inferences or available_cpus()
@@ -182,43 +177,6 @@ class Settings(BaseSettings):
         if self.otel_traces_exporter is None:
             return ("otlp",) if self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint else ()
         return tuple(name for name in self.otel_traces_exporter.split(",") if name != "none")
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
-
-    A container (Cloud Run, Kubernetes, ``docker --cpus``) sees every CPU of the host in its
-    affinity mask but may only use its quota of them; more threads than that only contend.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup_root)
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
-    return max(1, cpus)
-
-
-def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
-    """The CPU quota in CPUs (quota / period) of cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``;
-    None when unlimited or unreadable."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
-    except (OSError, ValueError):
-        try:  # v1: -1 means unlimited
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:  # "max"
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def load_settings() -> Settings:

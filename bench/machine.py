@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fercore.cpus import available_cpus
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -41,13 +43,6 @@ def _memory_gib() -> float | None:
     return None
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def memory_mib(pid: int | str = "self") -> dict[str, float]:
     """Resident memory of process ``pid`` now and its peak so far, in MiB (Linux ``/proc``)."""
     fields = {}
@@ -65,7 +60,7 @@ def describe_host() -> dict[str, Any]:
     return {
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": _usable_cpus(),
+        "cpus_usable": available_cpus(),
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -86,7 +81,7 @@ def describe_machine() -> dict[str, Any]:
     return {
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": runtime.usable_cpus(),  # what os.sched_getaffinity allows (containers, taskset)
+        "cpus_usable": available_cpus(),  # the affinity mask, capped by a cgroup CPU quota
         "memory_gib": _memory_gib(),
         "cpu_bf16_fast": runtime.cpu_bf16_is_fast(),
         "torch_threads": torch.get_num_threads(),

@@ -1,10 +1,10 @@
 """The service under load, and the ``fer`` library side by side on the same images.
 
-    python -m bench.service                                         # models/fer-compact.pt, no fer
-    python -m bench.service --model runs/<run>/best.pt --fer-python .venv-fer/bin/python
+    python -m bench.service                                         # the bundled model, no fer
+    python -m bench.service --model runs/<run>/model.int8.onnx --fer-python .venv-fer/bin/python
     python -m bench.service --write-images /tmp/fer-images          # only write the two images
 
-The real service (``uvicorn app.main:app``) runs as a subprocess on a free 127.0.0.1 port, with
+The real service (``uvicorn --factory app.main:serve_app``) runs as a subprocess on a free 127.0.0.1 port, with
 ``MODEL_URI=--model`` and its other settings at their defaults (``--server-env`` overrides them;
 service variables set in this shell are not passed on). Measured:
 
@@ -54,13 +54,11 @@ from typing import Any
 
 import cv2
 import httpx
-import torch
 from PIL import Image
 
-from app.faces import CASCADE_PATH, Box, FaceDetector, configure_opencv
+from app.faces import CASCADE_PATH, Box, FaceDetector, configure_opencv, crop_faces, whole_image_crop
 from app.images import decode_image
 from app.model import Prediction, Predictor
-from app.routes.predict import locate_faces
 from app.settings import BUNDLED_MODEL, Settings
 from bench.machine import RESULTS_DIR, command_line, memory_mib, write_result
 from bench.timing import latency_summary, positive_int, time_calls
@@ -147,12 +145,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def service_env(model: Path, extra: dict[str, str]) -> dict[str, str]:
+def service_env(model: Path | None, extra: dict[str, str]) -> dict[str, str]:
     """This process's environment without the service's own variables (a shell may have set some),
-    with ``MODEL_URI`` and ``extra``."""
+    with ``MODEL_URI`` (unless ``model`` is None) and ``extra``."""
     names = {name.upper() for name in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.upper().startswith("OTEL_")}
-    return {**env, "MODEL_URI": str(model), **extra}
+    return {**env, **({"MODEL_URI": str(model)} if model is not None else {}), **extra}
 
 
 def _tail(path: Path) -> str:
@@ -195,18 +193,28 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+SERVICE_COMMAND = ("-m", "uvicorn", "--factory", "app.main:serve_app")
+
+
 @contextlib.contextmanager
-def run_server(model: Path, log_path: Path, extra_env: dict[str, str], ready_timeout: float = 180.0) -> Iterator[Server]:
-    """``uvicorn app.main:app`` serving ``model`` on a free loopback port, from start to ready,
-    stopped on exit. Its output goes to ``log_path`` (appended)."""
+def run_server(
+    model: Path | None,
+    log_path: Path,
+    extra_env: dict[str, str],
+    ready_timeout: float = 180.0,
+    command: tuple[str, ...] = SERVICE_COMMAND,
+    cwd: Path = ROOT,
+) -> Iterator[Server]:
+    """The service (``uvicorn --factory app.main:serve_app``, or ``command`` run by this Python in
+    ``cwd``) serving ``model`` on a free loopback port, from start to ready, stopped on exit. Its
+    output goes to ``log_path`` (appended)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--log-level", "warning"]
+    argv = [sys.executable, *command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     env = service_env(model, extra_env)
     with log_path.open("ab") as log_file:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             ready_s = wait_ready(process, base_url, started, ready_timeout, log_path)
             yield Server(process, base_url, ready_s, log_path)
@@ -374,13 +382,12 @@ def bench_server(model: Path, images: list[BenchImage], args: argparse.Namespace
 
 
 def bench_in_process(model: Path, images: list[BenchImage], runs: int, warmup: int) -> dict[str, Any]:
-    """Our model in this process, one torch and one OpenCV thread, on the decoded images."""
-    torch_threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
+    """Our model in this process, one ONNX Runtime and one OpenCV thread, on the decoded images."""
+    cv_threads = cv2.getNumThreads()
     configure_opencv(1)
     try:
         start = time.perf_counter()
-        predictor = Predictor.from_uri(str(model))
+        predictor = Predictor.from_uri(str(model), threads=1)
         predictor.warm_up()
         out: dict[str, Any] = {"threads": 1, "load_s": time.perf_counter() - start}
         detector = FaceDetector(CASCADE_PATH, pool_size=1)
@@ -395,7 +402,6 @@ def bench_in_process(model: Path, images: list[BenchImage], runs: int, warmup: i
             }
         return out
     finally:
-        torch.set_num_threads(torch_threads)
         configure_opencv(cv_threads)
 
 
@@ -405,7 +411,11 @@ def _classifier(
     """What ``POST /predict`` does after decoding: find the faces (or take the whole image), classify them."""
 
     def call() -> tuple[list[Box], list[Prediction]]:
-        boxes, crops = locate_faces(image, detector)
+        if detector is None:
+            boxes, crops = [(0, 0, *image.size)], [whole_image_crop(image)]
+        else:
+            boxes = detector.detect(image)
+            crops = crop_faces(image, boxes)
         return boxes, predictor.predict_faces(crops) if crops else []
 
     return call
@@ -604,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model.is_file():
         parser.error(
-            f"--model {args.model}: no such checkpoint (models/fer-compact.pt comes from training; try runs/<run>/best.pt)"
+            f"--model {args.model}: no such model (export a checkpoint with training.export; try runs/<run>/model.int8.onnx)"
         )
     accuracy_skip = None if args.accuracy else "--no-accuracy"
     if args.accuracy and not args.data.is_file():

@@ -1,10 +1,10 @@
 """The real service under several configurations side by side: micro-batching off and on (with
-several waits), the network plain and optimised, under the same load at the same time.
+several waits), under the same load at the same time.
 
     python -m bench.service_configs                                  # the default configurations
     python -m bench.service_configs --config off:BATCH_MAX_SIZE=1 --config on:BATCH_MAX_SIZE=16,BATCH_MAX_WAIT_MS=2
 
-Each ``--config NAME:KEY=VALUE,...`` is one ``uvicorn app.main:app`` process (``bench.service``'s
+Each ``--config NAME:KEY=VALUE,...`` is one service process (``bench.service``'s
 ``run_server``: its own free port, ``MODEL_URI=--model``, the service's defaults for every variable
 not given). All of them are started first and kept running; then, for ``--rounds`` rounds, every
 load level (each image of ``bench.service``, the 48x48 crop and the photo, at each
@@ -46,15 +46,10 @@ from bench.timing import latency_summary, positive_int
 
 log = logging.getLogger(__name__)
 
-# The service before this comparison (the plain network, OpenMP's own wait policy: OMP_WAIT_POLICY
-# set empty), then one change at a time: the optimised network (OPTIMIZE_MODEL's default), idle
-# OpenMP threads that sleep (the service's default OMP_WAIT_POLICY=PASSIVE), and micro-batching
-# with three waits, with OpenMP's own policy (spinning) and with PASSIVE.
+# Micro-batching off (each request's faces in a pass of their own, in its inference slot), then on
+# (the default) with three waits for company.
 DEFAULT_CONFIGS = (
-    "plain-spin:OPTIMIZE_MODEL=false,OMP_WAIT_POLICY=",
-    "optimized-spin:OMP_WAIT_POLICY=",
-    "optimized:",
-    "batch-0ms-spin:BATCH_MAX_SIZE=32,BATCH_MAX_WAIT_MS=0,OMP_WAIT_POLICY=",
+    "off:BATCH_MAX_SIZE=1",
     "batch-0ms:BATCH_MAX_SIZE=32,BATCH_MAX_WAIT_MS=0",
     "batch-2ms:BATCH_MAX_SIZE=32,BATCH_MAX_WAIT_MS=2",
     "batch-5ms:BATCH_MAX_SIZE=32,BATCH_MAX_WAIT_MS=5",

@@ -21,9 +21,7 @@ Layout (``format_version`` 1)::
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +34,7 @@ from fercore import __version__
 from fercore.labels import CLASS_NAMES
 from fercore.models import ModelConfig
 from fercore.preprocessing import PreprocessSpec
+from fercore.storage import atomic_write
 
 FORMAT = "fer-checkpoint"
 FORMAT_VERSION = 1
@@ -84,23 +83,10 @@ def make_checkpoint(model: nn.Module, config: ModelConfig, **fields: Any) -> Che
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path, with_training_state: bool = True) -> None:
-    """Write atomically: a temp file in the same folder, fsync, then rename over ``path``.
-
-    A reader (or a run killed mid-write) sees the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt.to_dict(with_training_state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model is read by other users (the service's)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (:func:`fercore.storage.atomic_write`): a reader, or a run killed
+    mid-write, sees the old file or the new one, never half of one."""
+    with atomic_write(path) as f:
+        torch.save(ckpt.to_dict(with_training_state), f)
 
 
 def checkpoint_bytes(ckpt: Checkpoint, with_training_state: bool = False) -> bytes:

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 Contrast = Literal["equalize", "none"]
@@ -94,9 +93,13 @@ def prepare_face(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return pixels
 
 
-def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, 1, H, W) -> float (N, 1, H, W) standardised with the spec's mean/std."""
+def normalize(batch: Any, spec: PreprocessSpec) -> Any:
+    """uint8 (N, H, W) or (N, 1, H, W) -> float32 (N, 1, H, W) standardised with the spec's mean/std.
+
+    ``batch`` is a numpy array (serving) or a torch tensor (training, on its device): the same
+    arithmetic for both, and this module never imports torch.
+    """
     if batch.ndim == 3:
-        batch = batch.unsqueeze(1)
-    x = batch.float().div_(255.0)
-    return x.sub_(spec.mean).div_(spec.std)
+        batch = batch[:, None]
+    x = batch.astype(np.float32) if isinstance(batch, np.ndarray) else batch.float()
+    return (x / 255.0 - spec.mean) / spec.std

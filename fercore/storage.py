@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from google.cloud.storage import Blob, Client
@@ -114,27 +116,39 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at ``path`` whole, or not at all.
+
+    It is a temp file in the same folder, fsynced and renamed over ``path`` when the block ends
+    without an exception (else removed): a reader, or a process killed mid-write, sees the old file
+    or the new one, never half of one. Readable by other users (a model is read by the service's).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(uri: str | Path, data: bytes, if_generation_match: int | None = None) -> None:
-    """Write ``data`` to a local path (temp + rename) or a GCS object. ``if_generation_match``
+    """Write ``data`` to a local path (:func:`atomic_write`) or a GCS object. ``if_generation_match``
     (GCS only; 0: the object must not exist) makes the write conditional: Cloud Storage answers
     412 (``google.api_core.exceptions.PreconditionFailed``) if the object is at another generation."""
     if is_gcs(uri):
         bucket, name = split_gcs(str(uri))
         gcs_client().bucket(bucket).blob(name).upload_from_string(data, if_generation_match=if_generation_match)
         return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are read by other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(uri) as f:
+        f.write(data)
 
 
 def upload_file(src: str | Path, uri: str | Path) -> None:
@@ -277,7 +291,7 @@ def publish_run(
     output: str | Path,
     run_id: str,
     files: dict[str, Path],
-    serve_name: str = "model.pt",
+    model_name: str = "model.pt",
     metrics: dict[str, Any] | None = None,
     created_at: str = "",
     dataset_fingerprint: str = "",
@@ -285,7 +299,7 @@ def publish_run(
 ) -> LatestPointer:
     """Copy a finished run's ``files`` (name in the run folder -> local file) to
     ``<output>/<run_id>/``, then write the run's ``pointer.json`` (the candidate naming
-    ``serve_name``, the file the service would run, with every file's sha256).
+    ``model_name``, the file the service would run, with every file's sha256).
 
     ``promote=True`` then points ``latest.json`` at the run unconditionally, recording it in the
     history (:func:`fercore.registry.promote` without a gate); ``promote=False`` leaves that to
@@ -293,15 +307,15 @@ def publish_run(
     ``latest.json`` is written after every file it names is in place. Returns the candidate, or
     the pointer as written to ``latest.json`` when promoted.
     """
-    if serve_name not in files:
-        raise ValueError(f"run files must include {serve_name}")
+    if model_name not in files:
+        raise ValueError(f"run files must include {model_name}")
     digests = {rel: sha256_file(src) for rel, src in files.items()}
     for rel, src in files.items():
         upload_file(src, join(output, run_id, rel))
     candidate = LatestPointer(
         run_id=run_id,
-        path=f"{run_id}/{serve_name}",
-        sha256=digests[serve_name],
+        path=f"{run_id}/{model_name}",
+        sha256=digests[model_name],
         metrics=metrics or {},
         created_at=created_at,
         files=digests,

@@ -15,10 +15,9 @@
 #                                   below (pip's CUDA wheels if that build has them; no system
 #                                   CUDA, cuDNN or conda as in the real image)
 #
-# PyTorch comes from a wheel index served over HTTP on 127.0.0.1 (TORCH_INDEX_URL): the wheels of
-# requirements/torch.txt that `pip download` finds with this machine's pip configuration. Where
-# that is only PyPI's CUDA build (as on a machine that cannot reach download.pytorch.org), the
-# service image gets the CUDA build and is several times the size of the real CPU-only image.
+# The service image has no PyTorch (it runs ONNX Runtime). The training image's stand-in base gets
+# PyTorch from a wheel index served over HTTP on 127.0.0.1 (TORCH_INDEX_URL): the wheels of
+# requirements/torch.txt that `pip download` finds with this machine's pip configuration.
 # Everything else comes from PyPI (requirements/*.txt, hash-checked); the host's CA bundle is
 # mounted into the builds for machines behind a TLS-inspecting proxy.
 #
@@ -161,50 +160,50 @@ fi
 versions=$(run --rm "$python_base" sh -c 'python --version; pip --version | cut -d" " -f1-2')
 note "${versions//$'\n'/, }"
 
-# ---------------------------------------------------------------------------- PyTorch wheel index
-step "PyTorch wheel index from requirements/torch.txt ($CACHE/torch-index)"
-stamp=$(sha256sum requirements/torch.txt | cut -d' ' -f1)
-index=$CACHE/torch-index
-if [[ "$(cat "$index/stamp" 2>/dev/null)" == "$stamp" ]]; then
-    note "cached"
-else
-    rm -rf "$index"
-    mkdir -p "$index/files"
-    note "pip download (this machine's pip configuration decides which build: CPU or CUDA)"
-    "$PYTHON" -m pip download -qq --only-binary=:all: --dest "$index/files" -r requirements/torch.txt
-    for wheel in "$index"/files/*.whl; do
-        file=${wheel##*/}
-        project=$(printf '%s' "${file%%-*}" | tr 'A-Z_.' 'a-z--')
-        mkdir -p "$index/simple/$project"
-        printf '<a href="../../files/%s">%s</a><br>\n' "$file" "$file" >>"$index/simple/$project/index.html"
-    done
-    printf '%s\n' "$stamp" >"$index/stamp"
-fi
-note "$(find "$index/files" -name 'torch*.whl' -printf '%f ')"
-# A fixed port: TORCH_INDEX_URL is a build argument, and a new value would rebuild the PyTorch layer.
-index_port=${FER_INDEX_PORT:-47563}
-if curl -s -o /dev/null "http://127.0.0.1:$index_port/"; then
-    die "port $index_port is taken: set FER_INDEX_PORT to a free one"
-fi
-python3 -m http.server "$index_port" --bind 127.0.0.1 --directory "$index" >"$CACHE/index.log" 2>&1 &
-index_pid=$!
-torch_index=http://127.0.0.1:$index_port/simple
-for _ in $(seq 50); do
-    if curl -fsS -o /dev/null "$torch_index/torch/" 2>/dev/null; then break; fi
-    sleep 0.1
-done
-note "serving $torch_index"
-
 # ---------------------------------------------------------------------------- the images
-step "build $API_IMAGE (api.Dockerfile, TORCH_INDEX_URL=$torch_index)"
+step "build $API_IMAGE (api.Dockerfile)"
 old=$(image_id "$API_IMAGE")
 start=$(now)
-build --file api.Dockerfile --build-arg "TORCH_INDEX_URL=$torch_index" --tag "$API_IMAGE" .
+build --file api.Dockerfile --tag "$API_IMAGE" .
 api_build_s=$(since "$start")
 drop_replaced "$old" "$API_IMAGE"
 note "built in $api_build_s s"
 
 if ! $api_only; then
+    # ---------------------------------------------------------------------------- PyTorch wheel index
+    step "PyTorch wheel index from requirements/torch.txt ($CACHE/torch-index)"
+    stamp=$(sha256sum requirements/torch.txt | cut -d' ' -f1)
+    index=$CACHE/torch-index
+    if [[ "$(cat "$index/stamp" 2>/dev/null)" == "$stamp" ]]; then
+        note "cached"
+    else
+        rm -rf "$index"
+        mkdir -p "$index/files"
+        note "pip download (this machine's pip configuration decides which build: CPU or CUDA)"
+        "$PYTHON" -m pip download -qq --only-binary=:all: --dest "$index/files" -r requirements/torch.txt
+        for wheel in "$index"/files/*.whl; do
+            file=${wheel##*/}
+            project=$(printf '%s' "${file%%-*}" | tr 'A-Z_.' 'a-z--')
+            mkdir -p "$index/simple/$project"
+            printf '<a href="../../files/%s">%s</a><br>\n' "$file" "$file" >>"$index/simple/$project/index.html"
+        done
+        printf '%s\n' "$stamp" >"$index/stamp"
+    fi
+    note "$(find "$index/files" -name 'torch*.whl' -printf '%f ')"
+    # A fixed port: TORCH_INDEX_URL is a build argument, and a new value would rebuild the PyTorch layer.
+    index_port=${FER_INDEX_PORT:-47563}
+    if curl -s -o /dev/null "http://127.0.0.1:$index_port/"; then
+        die "port $index_port is taken: set FER_INDEX_PORT to a free one"
+    fi
+    python3 -m http.server "$index_port" --bind 127.0.0.1 --directory "$index" >"$CACHE/index.log" 2>&1 &
+    index_pid=$!
+    torch_index=http://127.0.0.1:$index_port/simple
+    for _ in $(seq 50); do
+        if curl -fsS -o /dev/null "$torch_index/torch/" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    note "serving $torch_index"
+
     torch_base=$(base_of train.Dockerfile)
     step "stand-in for $torch_base"
     if podman image exists "$torch_base"; then
@@ -232,9 +231,10 @@ fi
 # ---------------------------------------------------------------------------- run the service
 port=$(free_port)
 step "run $API_IMAGE (runc, host network, PORT=$port)"
-torch_build=$(run --rm --entrypoint python "$API_IMAGE" \
-    -c 'import torch, torchvision; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), torchvision {torchvision.__version__}")')
-note "PyTorch in the image: $torch_build"
+if run --rm --entrypoint python "$API_IMAGE" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)'; then
+    die "PyTorch is installed in $API_IMAGE: the service image must run on ONNX Runtime alone"
+fi
+note "no PyTorch in the image: $(run --rm --entrypoint python "$API_IMAGE" -c 'import onnxruntime as o; print("onnxruntime", o.__version__)')"
 start=$(now)
 run --detach --name "$CONTAINER" --env "PORT=$port" "$API_IMAGE" >/dev/null
 url=http://127.0.0.1:$port

@@ -81,19 +81,19 @@ def gcs(gcs_emulator: str, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixt
 
 
 @pytest.fixture
-def checkpoint_path(tmp_path: Path) -> Path:
-    """A tiny real service checkpoint (compact, width 4)."""
-    from tests.utils.service import write_checkpoint
+def model_path(tmp_path: Path) -> Path:
+    """A tiny real served model (compact, width 4, exported to ONNX)."""
+    from tests.utils.service import write_model
 
-    return write_checkpoint(tmp_path / "model.pt")
+    return write_model(tmp_path / "model.onnx")
 
 
 @pytest.fixture
-def client(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> Iterator:
-    """The app on ``checkpoint_path``, its lifespan running."""
+def client(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> Iterator:
+    """The app on ``model_path``, its lifespan running."""
     from tests.utils.service import running_app
 
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path)) as c:
+    with running_app(monkeypatch, MODEL_URI=str(model_path)) as c:
         yield c
 
 

@@ -22,7 +22,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
-from tests.utils.service import clean_service_env, uvicorn_server, write_checkpoint
+from tests.utils.service import clean_service_env, uvicorn_server, write_model
 
 TOKEN = "schema-test-admin-token-0123456789"
 # Every operation of the service; test_every_operation_is_tested keeps the list complete.
@@ -48,10 +48,10 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def api_schema(server_log: Path) -> Iterator[schemathesis.BaseSchema]:
-    checkpoint = write_checkpoint(server_log.parent / "model.pt")
+    checkpoint = write_model(server_log.parent / "model.pt")
     with pytest.MonkeyPatch.context() as mp:
         clean_service_env(mp)  # this shell's service variables and OTEL_* do not reach the server
-        env = {"MODEL_URI": str(checkpoint), "ADMIN_TOKEN": TOKEN, "TORCH_THREADS": "1", "MAX_CONCURRENT_INFERENCES": "1"}
+        env = {"MODEL_URI": str(checkpoint), "ADMIN_TOKEN": TOKEN, "INFERENCE_THREADS": "1", "MAX_CONCURRENT_INFERENCES": "1"}
         with uvicorn_server(server_log, **env) as base:
             schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
             assert "/admin/reload" in schema.raw_schema["paths"]

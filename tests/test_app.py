@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -33,11 +35,13 @@ from app.images import decode_image, to_gray_or_rgb
 from app.main import create_app
 from app.model import ModelLoadError, Predictor
 from app.routes import predict as predict_routes
-from app.settings import BUNDLED_MODEL, ConfigError, Settings, available_cpus, cgroup_cpu_quota, load_settings
+from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
+from fercore.cpus import available_cpus, cgroup_cpu_quota
 from fercore.labels import CLASS_NAMES
 from fercore.storage import LATEST, publish_run, sha256_file
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 from tests.utils.service import (
+    SETTINGS_ENV,
     clean_service_env,
     encode,
     face_pixels,
@@ -46,7 +50,7 @@ from tests.utils.service import (
     post_image,
     running_app,
     uvicorn_server,
-    write_checkpoint,
+    write_model,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,8 +135,8 @@ def test_readyz_once_model_loaded(client: TestClient) -> None:
     assert r.json() == {"status": "ready"}
 
 
-def test_readyz_before_lifespan_is_503(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    monkeypatch.setenv("MODEL_URI", str(checkpoint_path))
+def test_readyz_before_lifespan_is_503(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    monkeypatch.setenv("MODEL_URI", str(model_path))
     client = TestClient(create_app())  # not entered: the lifespan has not run, no model yet
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
@@ -189,13 +193,13 @@ def test_swagger_ui_is_version_5(client: TestClient) -> None:
     assert match and int(match.group(1)) >= 5
 
 
-def test_model_info(client: TestClient, checkpoint_path: Path) -> None:
+def test_model_info(client: TestClient, model_path: Path) -> None:
     r = client.get("/model")
     assert r.status_code == 200
     info = r.json()
     assert info["version"] == info["run_id"] == "test-run"
-    assert info["source"] == str(checkpoint_path)
-    assert info["sha256"] == sha256_file(checkpoint_path)
+    assert info["source"] == str(model_path)
+    assert info["sha256"] == sha256_file(model_path)
     assert info["architecture"] == "compact"
     assert info["classes"] == list(CLASS_NAMES)
     assert info["metrics"] == {"val_accuracy": 0.5}
@@ -223,10 +227,10 @@ def test_predict_image_formats(client: TestClient, make) -> None:
     assert body["model"]["architecture"] == "compact"
 
 
-def test_predict_matches_the_model(client: TestClient, checkpoint_path: Path) -> None:
+def test_predict_matches_the_model(client: TestClient, model_path: Path) -> None:
     """The route returns exactly what the checkpoint's model says about the image."""
     image = Image.fromarray(face_pixels(), mode="L")
-    expected = Predictor.from_uri(str(checkpoint_path)).predict_face(image)
+    expected = Predictor.from_uri(str(model_path)).predict_face(image)
     face = post_image(client, encode(image, "PNG"), detect=False).json()["faces"][0]
     assert face["emotion"] == expected["emotion"]
     for name in CLASS_NAMES:
@@ -421,8 +425,8 @@ def test_batch_classifies_all_faces_in_one_forward_pass(client: TestClient) -> N
     assert calls == [2]  # no face, no forward pass
 
 
-def test_batch_over_file_count_is_413(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_BATCH_FILES="2") as client:
+def test_batch_over_file_count_is_413(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), MAX_BATCH_FILES="2") as client:
         r = post_batch(client, [(f"{i}.png", gray_png()) for i in range(3)])
         assert r.status_code == 413
         assert r.json() == {"detail": "too many files"}
@@ -434,8 +438,8 @@ def test_batch_needs_files(client: TestClient) -> None:
     assert client.post("/predict/batch").status_code == 422
 
 
-def test_batch_file_over_limit_is_its_own_error(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_UPLOAD_BYTES="2000") as client:
+def test_batch_file_over_limit_is_its_own_error(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), MAX_UPLOAD_BYTES="2000") as client:
         r = post_batch(client, [("big.bin", b"\x00" * 2001), ("ok.png", gray_png())], detect=False)
         assert r.status_code == 200
         big, ok = r.json()["results"]
@@ -443,8 +447,8 @@ def test_batch_file_over_limit_is_its_own_error(monkeypatch: pytest.MonkeyPatch,
         assert ok["faces"][0]["box"] == [0, 0, 64, 48]
 
 
-def test_batch_body_limit_scales_with_file_count(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    env = {"MODEL_URI": str(checkpoint_path), "MAX_UPLOAD_BYTES": "100000", "MAX_BATCH_FILES": "3"}
+def test_batch_body_limit_scales_with_file_count(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    env = {"MODEL_URI": str(model_path), "MAX_UPLOAD_BYTES": "100000", "MAX_BATCH_FILES": "3"}
     with running_app(monkeypatch, **env) as client:
         # 3 x 90 kB: more than one file's body limit, within three files'
         r = post_batch(client, [(f"{i}.bin", b"\x01" * 90_000) for i in range(3)])
@@ -482,8 +486,8 @@ def wait_until(condition, what: str) -> None:
         time.sleep(0.005)
 
 
-def test_busy_server_answers_503(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    env = {"MODEL_URI": str(checkpoint_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "0"}
+def test_busy_server_answers_503(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    env = {"MODEL_URI": str(model_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "0"}
     with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(1) as pool:
         gate = GatedPredictor(client.app.state.predictor)
         client.app.dependency_overrides[get_predictor] = lambda: gate
@@ -536,10 +540,10 @@ def post_endless_upload(client: TestClient, path: str) -> tuple[int, dict[str, o
     return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:])), len(reads)
 
 
-def test_busy_server_refuses_before_reading_the_upload(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+def test_busy_server_refuses_before_reading_the_upload(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
     # A refused client must not have to send its whole upload first (FastAPI parses a multipart
     # body before the route runs): counted at the ASGI level.
-    env = {"MODEL_URI": str(checkpoint_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "0"}
+    env = {"MODEL_URI": str(model_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "0"}
     with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(1) as pool:
         gate = GatedPredictor(client.app.state.predictor)
         client.app.dependency_overrides[get_predictor] = lambda: gate
@@ -551,8 +555,8 @@ def test_busy_server_refuses_before_reading_the_upload(monkeypatch: pytest.Monke
         assert first.result().status_code == 200
 
 
-def test_requests_wait_in_a_bounded_queue(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    env = {"MODEL_URI": str(checkpoint_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "1"}
+def test_requests_wait_in_a_bounded_queue(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    env = {"MODEL_URI": str(model_path), "MAX_CONCURRENT_INFERENCES": "1", "MAX_QUEUE": "1"}
     with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(2) as pool:
         gate = GatedPredictor(client.app.state.predictor)
         client.app.dependency_overrides[get_predictor] = lambda: gate
@@ -640,20 +644,20 @@ def test_malformed_multipart_is_400(client: TestClient) -> None:
     assert 400 <= r.status_code < 500
 
 
-def test_file_over_limit_is_413(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_UPLOAD_BYTES="1000") as client:
+def test_file_over_limit_is_413(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), MAX_UPLOAD_BYTES="1000") as client:
         r = post_image(client, b"\x00" * 1001)  # small body: passes the body limit, caught on read
         assert r.status_code == 413
         assert r.json() == {"detail": "file too large"}
         assert post_image(client, b"\x00" * 1000).status_code == 415  # at the limit: read, then judged
 
 
-def test_body_over_limit_is_413_before_reading(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+def test_body_over_limit_is_413_before_reading(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
     async def never_called(*args: object) -> bytes:
         raise AssertionError("the route ran: the body was read in full")
 
     monkeypatch.setattr(predict_routes, "read_upload", never_called)
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_UPLOAD_BYTES="1000") as client:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), MAX_UPLOAD_BYTES="1000") as client:
         r = post_image(client, b"\x00" * 200_000)  # Content-Length alone says it is too big
         assert r.status_code == 413
         assert r.json() == {"detail": "file too large"}
@@ -668,8 +672,8 @@ def test_body_over_limit_is_413_before_reading(monkeypatch: pytest.MonkeyPatch, 
         assert r.json() == {"detail": "file too large"}
 
 
-def test_image_over_pixel_limit_is_413(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), MAX_IMAGE_PIXELS="10000") as client:
+def test_image_over_pixel_limit_is_413(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), MAX_IMAGE_PIXELS="10000") as client:
         at_limit = encode(Image.new("L", (100, 100), 90), "PNG")
         assert post_image(client, at_limit).status_code == 200
         for size in [(101, 100), (150, 150)]:  # Pillow warns below 2x the limit and raises above
@@ -686,12 +690,12 @@ def test_decompression_bomb_is_413(client: TestClient) -> None:
     assert r.json() == {"detail": "image has too many pixels"}
 
 
-def test_unexpected_error_is_logged_500(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, caplog) -> None:
+def test_unexpected_error_is_logged_500(monkeypatch: pytest.MonkeyPatch, model_path: Path, caplog) -> None:
     class Broken:
         def predict_faces(self, faces: list[Image.Image]):
             raise RuntimeError("boom")
 
-    monkeypatch.setenv("MODEL_URI", str(checkpoint_path))
+    monkeypatch.setenv("MODEL_URI", str(model_path))
     app = create_app()
     app.dependency_overrides[get_predictor] = Broken
     with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
@@ -705,11 +709,11 @@ def test_unexpected_error_is_logged_500(monkeypatch: pytest.MonkeyPatch, checkpo
 
 
 def publish(tmp_path: Path, run_id: str = "run-7") -> tuple[Path, Path]:
-    """A model registry folder as training publishes it: ``<out>/<run_id>/model.pt`` + latest.json."""
-    model = write_checkpoint(tmp_path / "build" / "model.pt", run_id=run_id)
+    """A model registry folder as training publishes it: ``<out>/<run_id>/model.onnx`` + latest.json."""
+    model = write_model(tmp_path / "build" / "model.onnx", run_id=run_id)
     out = tmp_path / "registry"
-    publish_run(out, run_id, {"model.pt": model}, metrics={"val_accuracy": 0.5})
-    return out, out / run_id / "model.pt"
+    publish_run(out, run_id, {"model.onnx": model}, model_name="model.onnx", metrics={"val_accuracy": 0.5})
+    return out, out / run_id / "model.onnx"
 
 
 def test_folder_with_latest_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -726,7 +730,7 @@ def test_folder_with_latest_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_sha256_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog) -> None:
     """Documented choice: the process starts, logs the reason at ERROR, and never becomes ready."""
     folder, model = publish(tmp_path)
-    write_checkpoint(model, run_id="run-7", seed=1)  # same name, different bytes
+    write_model(model, run_id="run-7", seed=1)  # same name, different bytes
     with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=str(folder)) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 503
@@ -746,19 +750,19 @@ def test_sha256_mismatch_raises_from_predictor(tmp_path: Path) -> None:
 
 def _break_pointer(folder: Path) -> None:
     pointer = json.loads((folder / LATEST).read_text())
-    pointer["path"] = "../outside.pt"
+    pointer["path"] = "../outside.onnx"
     (folder / LATEST).write_text(json.dumps(pointer))
 
 
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
-        ("missing", "no such checkpoint"),
+        ("missing", "no such model file or folder"),
         ("no_latest", "has no latest.json"),
         ("bad_latest", "unreadable"),
         ("escaping_path", "leaves the folder"),
         ("model_gone", "missing"),
-        ("not_a_checkpoint", "unreadable or truncated"),
+        ("not_a_model", "not a loadable ONNX model"),
     ],
 )
 def test_unloadable_model_keeps_service_unready(
@@ -767,19 +771,19 @@ def test_unloadable_model_keeps_service_unready(
     folder, model = publish(tmp_path)
     uri = str(folder)
     if case == "missing":
-        uri = str(tmp_path / "nowhere.pt")
+        uri = str(tmp_path / "nowhere.onnx")
     elif case == "no_latest":
         (folder / LATEST).unlink()
     elif case == "bad_latest":
         (folder / LATEST).write_text("{not json")
     elif case == "escaping_path":
         _break_pointer(folder)
-        write_checkpoint(folder.parent / "outside.pt")
+        write_model(folder.parent / "outside.onnx")
     elif case == "model_gone":
         model.unlink()
-    elif case == "not_a_checkpoint":
-        uri = str(tmp_path / "junk.pt")
-        Path(uri).write_bytes(b"this is not a torch file")
+    elif case == "not_a_model":
+        uri = str(tmp_path / "junk.onnx")
+        Path(uri).write_bytes(b"this is not an ONNX file")
     with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=uri) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 503
@@ -788,42 +792,41 @@ def test_unloadable_model_keeps_service_unready(
 
 def test_gcs_prefix_is_downloaded_verified_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gcs) -> None:
     prefix = f"gs://{gcs.name}/models"
-    model = write_checkpoint(tmp_path / "model.pt", run_id="gcs-run")
-    publish_run(prefix, "gcs-run", {"model.pt": model})
+    model = write_model(tmp_path / "model.onnx", run_id="gcs-run")
+    publish_run(prefix, "gcs-run", {"model.onnx": model}, model_name="model.onnx")
     with running_app(monkeypatch, MODEL_URI=prefix) as client:
         info = client.get("/model").json()
         assert (info["version"], info["sha256"], info["source"]) == ("gcs-run", sha256_file(model), prefix)
-    cached = list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.pt"))
+    cached = list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.onnx"))
     assert len(cached) == 1 and sha256_file(cached[0]) == sha256_file(model)
 
 
 def test_gcs_sha256_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gcs, caplog) -> None:
     prefix = f"gs://{gcs.name}/models"
-    publish_run(prefix, "gcs-run", {"model.pt": write_checkpoint(tmp_path / "model.pt")})
-    gcs.blob("models/gcs-run/model.pt").upload_from_filename(str(write_checkpoint(tmp_path / "other.pt", seed=1)))
+    publish_run(prefix, "gcs-run", {"model.onnx": write_model(tmp_path / "model.onnx")}, model_name="model.onnx")
+    gcs.blob("models/gcs-run/model.onnx").upload_from_filename(str(write_model(tmp_path / "other.onnx", seed=1)))
     with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=prefix) as client:
         assert client.get("/readyz").status_code == 503
     assert any("does not match" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR)
-    assert not list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.pt"))
+    assert not list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.onnx"))
 
 
 # --- settings ---------------------------------------------------------------------------
 
 
 def test_settings_defaults() -> None:
-    settings = Settings(_env_file=None, torch_threads=0)
+    settings = Settings(_env_file=None, inference_threads=0)
     assert settings.model_uri is None
     assert settings.resolved_model_uri() == str(BUNDLED_MODEL)
-    assert BUNDLED_MODEL == ROOT / "models" / "fer-compact.pt"
+    assert BUNDLED_MODEL == ROOT / "models" / "fer-compact.int8.onnx"
     assert settings.max_upload_bytes == 10 * 1024 * 1024
     assert settings.max_image_pixels == 40_000_000
-    assert settings.resolved_torch_threads() == available_cpus() <= len(os.sched_getaffinity(0))
+    assert settings.resolved_inference_threads() == available_cpus() <= len(os.sched_getaffinity(0))
     assert settings.max_batch_files == 16
     assert settings.max_concurrent_inferences == 0
     assert settings.resolved_max_concurrent_inferences() == available_cpus()
     assert settings.max_queue == 64
     assert (settings.batch_max_size, settings.batch_max_wait_ms, settings.batching) == (32, 0.0, True)
-    assert settings.optimize_model is True
 
 
 @pytest.mark.parametrize(
@@ -856,13 +859,13 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODEL_URI", " gs://bucket/models ")
     monkeypatch.setenv("MAX_UPLOAD_BYTES", "2048")
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "1000")
-    monkeypatch.setenv("TORCH_THREADS", "3")
+    monkeypatch.setenv("INFERENCE_THREADS", "3")
     monkeypatch.setenv("MAX_BATCH_FILES", "4")
     monkeypatch.setenv("MAX_CONCURRENT_INFERENCES", "2")
     monkeypatch.setenv("MAX_QUEUE", "0")
     settings = load_settings()
     assert settings.model_uri == "gs://bucket/models"
-    assert (settings.max_upload_bytes, settings.max_image_pixels, settings.resolved_torch_threads()) == (2048, 1000, 3)
+    assert (settings.max_upload_bytes, settings.max_image_pixels, settings.resolved_inference_threads()) == (2048, 1000, 3)
     assert (settings.max_batch_files, settings.resolved_max_concurrent_inferences(), settings.max_queue) == (4, 2, 0)
 
 
@@ -877,14 +880,13 @@ def test_empty_model_uri_means_bundled(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MAX_UPLOAD_BYTES", "0"),
         ("MAX_UPLOAD_BYTES", "ten"),
         ("MAX_IMAGE_PIXELS", "-5"),
-        ("TORCH_THREADS", "-1"),
+        ("INFERENCE_THREADS", "-1"),
         ("MAX_BATCH_FILES", "0"),
         ("MAX_CONCURRENT_INFERENCES", "-1"),
         ("MAX_QUEUE", "-1"),
         ("BATCH_MAX_SIZE", "0"),
         ("BATCH_MAX_WAIT_MS", "-1"),
         ("BATCH_MAX_WAIT_MS", "5000"),
-        ("OPTIMIZE_MODEL", "maybe"),
         ("MODEL_URI", "s3://bucket/model.pt"),
         ("MODEL_URI", "gs:///model.pt"),
     ],
@@ -899,8 +901,8 @@ def test_invalid_settings_stop_startup(monkeypatch: pytest.MonkeyPatch, name: st
 
 
 @pytest.mark.slow
-def test_uvicorn_serves_predictions(checkpoint_path: Path, tmp_path: Path) -> None:
-    with uvicorn_server(tmp_path / "uvicorn.log", MODEL_URI=str(checkpoint_path), TORCH_THREADS="1") as base:
+def test_uvicorn_serves_predictions(model_path: Path, tmp_path: Path) -> None:
+    with uvicorn_server(tmp_path / "uvicorn.log", MODEL_URI=str(model_path), INFERENCE_THREADS="1") as base:
         r = httpx.post(
             f"{base}/predict", files={"file": ("face.jpg", rgb_jpeg(), "image/jpeg")}, params={"detect": "false"}, timeout=30
         )
@@ -928,4 +930,35 @@ def test_malicious_checkpoint_is_refused_and_never_runs(monkeypatch: pytest.Monk
     with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=str(path)) as client:
         assert client.get("/readyz").status_code == 503
     assert not marker.exists()
-    assert any("refused, not a plain-tensor checkpoint" in rec.getMessage() for rec in caplog.records)
+    # The service never unpickles: any PyTorch checkpoint is refused with how to export it.
+    assert any("a PyTorch checkpoint; the service runs ONNX models" in rec.getMessage() for rec in caplog.records)
+
+
+_PROCESS_WIDE = """
+import logging, os, sys
+import PIL.Image
+env, root = dict(os.environ), logging.getLogger()
+handlers, level, limit = list(root.handlers), root.level, PIL.Image.MAX_IMAGE_PIXELS
+import app.main
+from fastapi.testclient import TestClient
+with TestClient(app.main.create_app()) as client:  # the bundled model, lifespan and all
+    upload = {"file": ("f.png", sys.stdin.buffer.read())}
+    assert client.post("/predict", params={"detect": "false"}, files=upload).status_code == 200
+assert dict(os.environ) == env, "the environment changed"
+assert (root.handlers, root.level) == (handlers, level), "logging changed"
+assert PIL.Image.MAX_IMAGE_PIXELS == limit, "Pillow's limit changed"
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "torchvision", "training", "onnx"))
+assert not heavy, heavy
+print("ok")
+"""
+
+
+def test_building_and_serving_the_app_changes_nothing_process_wide_and_needs_no_torch() -> None:
+    """Importing ``app.main``, building an app and serving a prediction leave the environment,
+    logging and Pillow as they were, and never import torch or the training code: the service
+    image has neither. A fresh interpreter: this one has loaded torch long ago."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_ENV and not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROCESS_WIDE], input=gray_png(), env=env, cwd=ROOT, capture_output=True, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == b"ok", out.stderr.decode()[-2000:]

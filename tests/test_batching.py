@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -285,21 +282,6 @@ def test_nonsense_bounds_are_refused() -> None:
         MicroBatcher(max_size=4, max_wait_s=-1)
 
 
-# --- OpenMP's wait policy -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE"), ("", None)])
-def test_openmp_threads_sleep_when_idle_unless_told_otherwise(given: str | None, seen: str | None) -> None:
-    """Importing ``app`` sets OMP_WAIT_POLICY before torch is loaded; a value given wins, an empty
-    one means OpenMP's own default. Checked in a fresh interpreter: this one loaded torch long ago."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given is not None:
-        env["OMP_WAIT_POLICY"] = given
-    code = "import os, sys, app; assert 'torch' not in sys.modules; print(os.environ.get('OMP_WAIT_POLICY'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(seen)
-
-
 # --- the app with BATCH_MAX_SIZE ----------------------------------------------------------------
 
 
@@ -341,8 +323,8 @@ def assert_same_faces(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> 
             assert g["scores"][name] == pytest.approx(w["scores"][name], abs=1e-5)
 
 
-def batching_env(checkpoint_path: Path, **extra: str) -> dict[str, str]:
-    return {"MODEL_URI": str(checkpoint_path), "BATCH_MAX_SIZE": "16", "BATCH_MAX_WAIT_MS": "0", **extra}
+def batching_env(model_path: Path, **extra: str) -> dict[str, str]:
+    return {"MODEL_URI": str(model_path), "BATCH_MAX_SIZE": "16", "BATCH_MAX_WAIT_MS": "0", **extra}
 
 
 def wait_until(condition, what: str) -> None:
@@ -352,12 +334,10 @@ def wait_until(condition, what: str) -> None:
         time.sleep(0.005)
 
 
-def test_concurrent_requests_get_the_predictions_of_sequential_ones(
-    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path
-) -> None:
+def test_concurrent_requests_get_the_predictions_of_sequential_ones(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
     uploads = [(gray_png(), False), (photo_jpeg("astronaut"), None), (photo_jpeg("coffee"), None)] * 3
     files = [(f"{i}.img", data) for i, (data, _) in enumerate(uploads[:3])]
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), BATCH_MAX_SIZE="1") as client:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), BATCH_MAX_SIZE="1") as client:
         assert client.app.state.batcher is None  # off
         sequential = [post_image(client, data, detect=detect).json()["faces"] for data, detect in uploads]
         batch_sequential = [item["faces"] for item in post_batch(client, files).json()["results"]]
@@ -366,7 +346,7 @@ def test_concurrent_requests_get_the_predictions_of_sequential_ones(
     faces = sum(len(faces) for faces in sequential) + sum(len(faces) for faces in batch_sequential)
     assert (queued, faces) == (7, 7)
 
-    with running_app(monkeypatch, **batching_env(checkpoint_path, MAX_QUEUE="32")) as client:
+    with running_app(monkeypatch, **batching_env(model_path, MAX_QUEUE="32")) as client:
         gate = GatedPredictor(client.app.state.predictor)
         client.app.dependency_overrides[get_predictor] = lambda: gate
         with ThreadPoolExecutor(len(uploads) + 2) as pool:
@@ -388,11 +368,11 @@ def test_concurrent_requests_get_the_predictions_of_sequential_ones(
         assert client.app.state.limiter.admitted == 0
 
 
-def test_batching_keeps_the_bound_on_requests_in_progress(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+def test_batching_keeps_the_bound_on_requests_in_progress(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
     """A request waiting for its pass holds no inference slot but still counts against the bound:
     with one slot and a queue of one, the second request decodes while the first's pass runs, and
     the third is refused."""
-    env = batching_env(checkpoint_path, MAX_CONCURRENT_INFERENCES="1", MAX_QUEUE="1")
+    env = batching_env(model_path, MAX_CONCURRENT_INFERENCES="1", MAX_QUEUE="1")
     with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(2) as pool:
         gate = GatedPredictor(client.app.state.predictor)
         client.app.dependency_overrides[get_predictor] = lambda: gate
@@ -411,9 +391,9 @@ def test_batching_keeps_the_bound_on_requests_in_progress(monkeypatch: pytest.Mo
 
 
 def test_a_failed_pass_is_a_500_for_each_request_in_it(
-    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    for name, value in batching_env(checkpoint_path).items():
+    for name, value in batching_env(model_path).items():
         monkeypatch.setenv(name, value)
     app = create_app()
     with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
@@ -436,8 +416,8 @@ def test_a_failed_pass_is_a_500_for_each_request_in_it(
     assert len(failures) == 3  # each request logged its 500
 
 
-def test_batching_settings(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    with running_app(monkeypatch, **batching_env(checkpoint_path, BATCH_MAX_WAIT_MS="2.5")) as client:
+def test_batching_settings(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    with running_app(monkeypatch, **batching_env(model_path, BATCH_MAX_WAIT_MS="2.5")) as client:
         batcher = client.app.state.batcher
         assert (batcher.max_size, batcher.max_wait_s) == (16, 0.0025)
         assert post_image(client, gray_png(), detect=False).status_code == 200
@@ -445,14 +425,14 @@ def test_batching_settings(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Pat
     assert batcher.waiting == 0
 
 
-def test_app_with_batching_answers_like_the_app_without(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+def test_app_with_batching_answers_like_the_app_without(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
     """One request at a time: the same answers, batched or not (a pass of one request each)."""
     files = [("a.png", gray_png()), ("b.jpg", photo_jpeg("astronaut")), ("c.jpg", photo_jpeg("coffee"))]
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), BATCH_MAX_SIZE="1") as client:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), BATCH_MAX_SIZE="1") as client:
         assert client.app.state.batcher is None
         unbatched = [item["faces"] for item in post_batch(client, files).json()["results"]]
         single = post_image(client, gray_png(), detect=False).json()["faces"]
-    with running_app(monkeypatch, **batching_env(checkpoint_path)) as client:
+    with running_app(monkeypatch, **batching_env(model_path)) as client:
         assert client.app.state.batcher is not None
         batched = [item["faces"] for item in post_batch(client, files).json()["results"]]
         assert_same_faces(post_image(client, gray_png(), detect=False).json()["faces"], single)

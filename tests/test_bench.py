@@ -12,7 +12,7 @@ import pytest
 from bench import data_loading, soak, train_throughput
 from bench.machine import describe_machine, write_result
 from tests.utils import synthetic
-from tests.utils.service import clean_service_env, write_checkpoint
+from tests.utils.service import clean_service_env, write_model
 
 MACHINE_KEYS = {"cpu_model", "cpus_usable", "memory_gib", "cpu_bf16_fast", "torch_threads", "cuda_device", "torch", "python"}
 
@@ -119,11 +119,11 @@ def test_soak_classifies_answers() -> None:
 @pytest.mark.slow
 def test_soak_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     clean_service_env(monkeypatch)
-    checkpoint = write_checkpoint(tmp_path / "tiny.pt")
+    checkpoint = write_model(tmp_path / "tiny.pt")
     out, md = tmp_path / "soak.json", tmp_path / "soak.md"
     argv = ["--model", str(checkpoint), "--requests", "60", "--concurrency", "4", "--warmup", "6"]
     argv += ["--overload-requests", "24", "--overload-concurrency", "16", "--overload-queue", "1"]
-    argv += ["--server-env", "TORCH_THREADS=1", "--output", str(out), "--markdown", str(md)]
+    argv += ["--server-env", "INFERENCE_THREADS=1", "--output", str(out), "--markdown", str(md)]
     assert soak.main(argv) == 0, md.read_text()
 
     record = _read(out, "soak")

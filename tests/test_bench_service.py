@@ -11,13 +11,15 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
-from bench import fer_baseline, inference, service, service_configs
+from bench import fer_baseline, inference, service, service_configs, serving
 from fercore.labels import CLASS_NAMES
 from tests.utils import synthetic
-from tests.utils.service import clean_service_env, write_checkpoint
+from tests.utils.service import clean_service_env, write_model
+from training.export import quantize_int8
 
 
 def _read(path: Path) -> dict:
@@ -48,15 +50,15 @@ def test_write_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.slow
 def test_service_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     clean_service_env(monkeypatch)
-    checkpoint = write_checkpoint(tmp_path / "tiny.pt")
+    checkpoint = write_model(tmp_path / "tiny.pt")
     out, fer_out = tmp_path / "service.json", tmp_path / "fer.json"
     argv = ["--model", str(checkpoint), "--starts", "1", "--warmup", "1", "--requests", "3"]
     argv += ["--concurrency", "2", "--load-requests", "10", "--load-duration", "60", "--no-accuracy"]
-    argv += ["--server-env", "TORCH_THREADS=1", "--output", str(out), "--fer-output", str(fer_out)]
+    argv += ["--server-env", "INFERENCE_THREADS=1", "--output", str(out), "--fer-output", str(fer_out)]
     assert service.main(argv) == 0
 
     results = _read(out)["results"]
-    assert results["settings"]["server_env"] == {"TORCH_THREADS": "1"}
+    assert results["settings"]["server_env"] == {"INFERENCE_THREADS": "1"}
     assert set(results["settings"]["images"]) == {"crop", "photo"}
     server = results["server"]
     assert len(server["startup"]["ready_s"]) == 1 and server["startup"]["median_ready_s"] > 0
@@ -128,9 +130,11 @@ def test_fer_baseline_reads_only_publictest(tmp_path: Path, wrapper: str) -> Non
 
 
 def test_inference_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = write_checkpoint(tmp_path / "tiny.pt")
+    fp32 = write_model(tmp_path / "tiny.onnx")  # tiny.pt beside it
+    rng = np.random.default_rng(0)
+    int8 = quantize_int8(fp32, tmp_path / "tiny.int8.onnx", rng.normal(0, 1, (16, 1, 48, 48)).astype(np.float32))
     out = tmp_path / "inference.json"
-    argv = ["--model", str(checkpoint), "--threads", "1", "--rounds", "2", "--calls", "2", "--warmup", "1"]
+    argv = ["--model", str(int8), "--threads", "1", "--rounds", "2", "--calls", "2", "--warmup", "1"]
     argv += ["--batch-sizes", "1,4", "--output", str(out)]
     assert inference.main(argv) == 0
     record = json.loads(out.read_text())
@@ -138,30 +142,42 @@ def test_inference_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     results = record["results"]
     (run,) = results["runs"]
     assert run["threads"] == 1
-    for variant in ("plain", "optimized"):
-        stats = run[variant]
-        assert min(stats["forward_ms"], stats["preprocess_ms"], stats["postprocess_ms"]) > 0
-        assert set(stats["forward_per_face_ms"]) == {"1", "4"}
-    assert run["calls"]["plain/forward_batch_4"] == 2 * 2  # rounds x max(2, calls // 4)
-    assert set(run["ratio_optimized_to_plain"]["forward_per_face"]) == {"1", "4"}
-    agreement = results["agreement"]
-    assert agreement["crop_max_abs_diff"] <= 1e-5 and agreement["random_faces_max_abs_diff"] <= 1e-5
-    assert agreement["random_faces_same_emotion"]
-    assert "| 1 | optimized / plain |" in capsys.readouterr().out
+    assert set(run["forward_per_face_ms"]) == {"pytorch", "onnx-fp32", "onnx-int8"}
+    assert all(set(per_face) == {"1", "4"} and min(per_face.values()) > 0 for per_face in run["forward_per_face_ms"].values())
+    assert results["preprocess_ms"] > 0
+    agreement = results["agreement_with_pytorch_on_256_noisy_crops"]
+    assert agreement["onnx-fp32"]["max_abs_prob_diff"] <= 1e-5 and agreement["onnx-fp32"]["same_top_class"] == 1.0
+    assert 0 <= agreement["onnx-int8"]["max_abs_prob_diff"] <= 1
+    assert "| 1 | onnx-int8 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serving_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ONNX service and the bare endpoint (the PyTorch one needs the repository's history)."""
+    clean_service_env(monkeypatch)
+    out = tmp_path / "serving.json"
+    argv = ["--contenders", "onnx,bare", "--rounds", "1", "--starts", "1", "--memory-requests", "5", "--requests", "5"]
+    argv += ["--concurrency", "4", "--load-requests", "12", "--no-accuracy", "--output", str(out)]
+    assert serving.main(argv) == 0
+    summary = json.loads(out.read_text())["results"]["summary"]
+    assert set(summary) == {"onnx", "bare"}
+    onnx, bare = summary["onnx"], summary["bare"]
+    assert not onnx["libtorch_mapped"] and onnx["photo_faces"] == 1 and bare["photo_faces"] == 0
+    assert min(onnx["ready_s"], onnx["rss_mib_after_crops"], onnx["crop_p50_ms"], onnx["crop_c4_rps"]) > 0
 
 
 @pytest.mark.slow
 def test_service_configs_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     clean_service_env(monkeypatch)
-    checkpoint = write_checkpoint(tmp_path / "tiny.pt")
+    checkpoint = write_model(tmp_path / "tiny.pt")
     out = tmp_path / "configs.json"
     argv = [
         "--model",
         str(checkpoint),
         "--config",
-        "off:TORCH_THREADS=1,BATCH_MAX_SIZE=1",
+        "off:INFERENCE_THREADS=1,BATCH_MAX_SIZE=1",
         "--config",
-        "on:TORCH_THREADS=1,BATCH_MAX_SIZE=8",
+        "on:INFERENCE_THREADS=1,BATCH_MAX_SIZE=8",
     ]
     argv += ["--baseline", "off", "--concurrency", "1,4", "--rounds", "2", "--requests", "8", "--warmup", "1"]
     argv += ["--output", str(out)]
@@ -169,7 +185,7 @@ def test_service_configs_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     record = json.loads(out.read_text())
     assert record["benchmark"] == "service_configs"
     results = record["results"]
-    assert results["configs"]["on"]["env"] == {"TORCH_THREADS": "1", "BATCH_MAX_SIZE": "8"}
+    assert results["configs"]["on"]["env"] == {"INFERENCE_THREADS": "1", "BATCH_MAX_SIZE": "8"}
     assert results["configs"]["on"]["crop_scores_max_abs_diff"] <= 1e-5
     levels = {(row["config"], row["image"], row["concurrency"]): row for row in results["levels"]}
     assert set(levels) == {(c, i, n) for c in ("off", "on") for i in ("crop", "photo") for n in (1, 4)}

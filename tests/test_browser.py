@@ -5,65 +5,35 @@ that is a failure: ``.ci/run`` installs it."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from fercore.labels import CLASS_NAMES
-from tests.utils.service import clean_service_env, encode, face_pixels, uvicorn_server, write_checkpoint
+from tests.utils.browser import TIMEOUT_MS, chromium, require_chromium
+from tests.utils.service import clean_service_env, encode, face_pixels, uvicorn_server, write_model
 
 pytestmark = pytest.mark.browser
 
-TIMEOUT_MS = 30_000
-# Keep Chromium from reaching anything on its own (updates, sync, QUIC probes): the test asserts
-# that the page itself talks to 127.0.0.1 only.
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # FastAPI's operation id for POST /predict; Swagger UI names the block after tag and id.
 PREDICT_BLOCK = "#operations-predict-predict_predict_post"
 
 
-def find_chromium() -> str | None:
-    """Debian's ``/usr/bin/chromium`` first, else a Chromium or Chrome on ``PATH``."""
-    if os.access("/usr/bin/chromium", os.X_OK):
-        return "/usr/bin/chromium"
-    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = find_chromium()
-    if executable is None:
-        reason = "no Chromium executable (/usr/bin/chromium or chromium/google-chrome on PATH); apt-get install chromium"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}: CI must run the browser test (.ci/run installs it)", pytrace=False)
-        pytest.skip(reason)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium(require_chromium()) as browser:
+        yield browser
 
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
     clean_service_env(monkeypatch)
-    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    checkpoint = write_model(tmp_path / "model.pt")
     with uvicorn_server(tmp_path / "uvicorn.log", MODEL_URI=str(checkpoint)) as base:
         yield base
 

@@ -39,7 +39,7 @@ from tests.utils.service import (
     publish,
     retry_warnings,
     running_app,
-    write_checkpoint,
+    write_model,
 )
 
 TOKEN = "test-admin-token-0123456789"
@@ -50,7 +50,7 @@ STALL_S = 5.0
 # Requests about objects: not the client's background fetches of bucket metadata, which come
 # and go as they please (google.cloud.storage._bucket_metadata_cache).
 OBJECTS = r"/o/"
-MODEL_MEDIA = r"model\.pt.*alt=media"  # the model's download, not its metadata nor latest.json
+MODEL_MEDIA = r"model\.onnx.*alt=media"  # the model's download, not its metadata nor latest.json
 
 # name -> (fault, what the error message says). The first three hit the first request of a
 # load, the read of latest.json; the others let it through and hit the model's download.
@@ -92,7 +92,7 @@ def assert_cache_holds_only(*models: Path) -> None:
     download, no temp file."""
     files = cached_files()
     assert sorted(storage.sha256_file(p) for p in files) == sorted(storage.sha256_file(m) for m in models), files
-    assert all(p.name == "model.pt" for p in files), files
+    assert all(p.name == "model.onnx" for p in files), files
 
 
 # --- downloads ----------------------------------------------------------------------------
@@ -102,9 +102,9 @@ def assert_cache_holds_only(*models: Path) -> None:
 @pytest.mark.parametrize("call", ["download", "fetch_to_cache"])
 def test_cut_download_leaves_nothing(gcs_proxy: FaultProxy, gcs: Bucket, tmp_path: Path, how: str, call: str) -> None:
     data = os.urandom(200_000)
-    gcs.blob("m/model.pt").upload_from_string(data)
-    uri = f"gs://{gcs.name}/m/model.pt"
-    dest = tmp_path / "dl" / "model.pt"
+    gcs.blob("m/model.onnx").upload_from_string(data)
+    uri = f"gs://{gcs.name}/m/model.onnx"
+    dest = tmp_path / "dl" / "model.onnx"
 
     def fetch() -> Path:
         if call == "download":
@@ -197,7 +197,7 @@ def test_startup_gives_up_on_lasting_faults(
     fallback: bool,
 ) -> None:
     publish(prefix, tmp_path, "run-1")
-    bundled = write_checkpoint(tmp_path / "bundled.pt", run_id="bundled-run", seed=5)
+    bundled = write_model(tmp_path / "bundled.onnx", run_id="bundled-run", seed=5)
     gcs_proxy.inject(fault(how))
     env = {"MODEL_LOAD_RETRIES": "2", "MODEL_LOAD_BACKOFF_S": "0.01", "GCS_TIMEOUT_S": str(GCS_TIMEOUT_S)}
     env |= {"FALLBACK_TO_BUNDLED": str(fallback).lower(), "BUNDLED_MODEL_PATH": str(bundled)}

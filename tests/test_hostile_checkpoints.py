@@ -1,13 +1,14 @@
-"""Checkpoints the service must refuse: one that would run code when unpickled, a truncated one,
-weights that do not fit the architecture they name, an architecture the registry does not have,
-and a ``latest.json`` whose sha256 is not the file's. Each is refused with a message saying why, at
-startup (the service stays unready, or serves the bundled model with FALLBACK_TO_BUNDLED) and on
-a hot reload (``POST /admin/reload``: the old model keeps serving, ``GET /model`` says what failed).
+"""Models the service must refuse: a PyTorch checkpoint that would run code when unpickled, a
+truncated ONNX file, one without the fer metadata, one whose metadata does not fit its graph, one
+whose preprocessing would make the service allocate a huge input, one whose weights are kept in an
+external file (which could name any file on disk), and a ``latest.json`` whose sha256 is not the
+file's. Each is refused with a message saying why, at startup (the service stays unready, or serves
+the bundled model with FALLBACK_TO_BUNDLED) and on a hot reload (``POST /admin/reload``: the old
+model keeps serving, ``GET /model`` says what failed).
 
 These use a local model folder (``latest.json`` + runs, as ``fercore.storage.publish_run`` writes
-it); ``tests/test_reload.py`` covers the mismatching-sha256, non-checkpoint and wrong-architecture
-runs through GCS, and ``tests/test_storage_checkpoint.py`` the loader alone. Also here: checkpoints
-whose contents would make loading them allocate far more than the file holds.
+it); ``tests/test_reload.py`` covers broken runs through GCS. Also here: PyTorch checkpoints that
+training, evaluation and the exporter must refuse (what they would allocate, their preprocessing).
 """
 
 from __future__ import annotations
@@ -17,23 +18,27 @@ import logging
 import resource
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
+from onnx.external_data_helper import convert_model_to_external_data
 
-from fercore.checkpoint import CheckpointError, build_model, checkpoint_bytes, load_checkpoint, make_checkpoint, save_checkpoint
+from fercore.checkpoint import CheckpointError, build_model, checkpoint_bytes, load_checkpoint, make_checkpoint
 from fercore.models import ModelConfig, create_model
 from fercore.storage import LATEST, publish_run, sha256_file
-from tests.utils.service import clean_service_env, gray_png, post_image, running_app, write_checkpoint
+from tests.utils.service import clean_service_env, gray_png, post_image, running_app, write_mismatched_model, write_model
 
 TOKEN = "hostile-ckpt-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 # What each broken run is refused with (a part of the message).
 REFUSALS = {
-    "code_execution": "refused, not a plain-tensor checkpoint",
-    "truncated": "unreadable or truncated",
-    "wrong_weights": "weights do not fit model 'compact'",
-    "unknown_architecture": "cannot build model 'no_such_net': unknown model 'no_such_net'; available: compact",
+    "pytorch_pickle": "a PyTorch checkpoint; the service runs ONNX models",
+    "truncated": "not a loadable ONNX model",
+    "no_metadata": "not a fer-onnx model",
+    "wrong_signature": "does not fit 5 classes",
+    "unsafe_preprocessing": "malformed metadata",
+    "external_weights": "not a loadable ONNX model",
     "wrong_sha256": "does not match",
 }
 
@@ -56,30 +61,56 @@ class _Payload:
 
 
 def publish_good(folder: Path, build: Path, run_id: str, seed: int = 0) -> Path:
-    model = write_checkpoint(build / run_id / "model.pt", run_id=run_id, seed=seed)
-    publish_run(folder, run_id, {"model.pt": model})
-    return folder / run_id / "model.pt"
+    model = write_model(build / run_id / "model.onnx", run_id=run_id, seed=seed)
+    publish_run(folder, run_id, {"model.onnx": model}, model_name="model.onnx")
+    return folder / run_id / "model.onnx"
+
+
+def _edit(path: Path, edit: object) -> None:
+    graph = onnx.load(str(path))
+    edit(graph)  # type: ignore[operator]
+    onnx.save(graph, str(path))
+
+
+def _set_prop(graph: onnx.ModelProto, key: str, value: str | None) -> None:
+    props = {p.key: p.value for p in graph.metadata_props}
+    if value is None:
+        props.pop(key)
+    else:
+        props[key] = value
+    del graph.metadata_props[:]
+    for k, v in props.items():
+        graph.metadata_props.add(key=k, value=v)
+
+
+def _external_weights(path: Path) -> None:
+    """Weights moved out of the graph into ``path``'s sibling file (ONNX's external data)."""
+    graph = onnx.load(str(path))
+    convert_model_to_external_data(graph, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(graph, str(path))
 
 
 def publish_broken(folder: Path, build: Path, run_id: str, how: str, marker: Path) -> None:
     """Publish run ``run_id`` to the model folder ``folder`` (its latest.json now names it), broken ``how``."""
-    path = build / run_id / "model.pt"
+    path = build / run_id / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights = create_model("compact", width=4)
-    if how == "code_execution":
+    if how == "pytorch_pickle":  # never unpickled: any torch file is refused from its first bytes
         torch.save({"format": "fer-checkpoint", "format_version": 1, "state_dict": _Payload(marker)}, path)
-    elif how == "truncated":
-        data = checkpoint_bytes(make_checkpoint(weights, ModelConfig("compact", {"width": 4}), run_id=run_id))
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "wrong_weights":  # width-4 weights, the config says width 8
-        save_checkpoint(make_checkpoint(weights, ModelConfig("compact", {"width": 8}), run_id=run_id), path)
-    elif how == "unknown_architecture":
-        save_checkpoint(make_checkpoint(weights, ModelConfig("no_such_net", {}), run_id=run_id), path)
-    elif how == "wrong_sha256":  # a good model, and a latest.json that names other bytes
-        write_checkpoint(path, run_id=run_id, seed=7)
+    elif how == "wrong_signature":
+        write_mismatched_model(path, run_id=run_id)
     else:
-        raise ValueError(how)
-    publish_run(folder, run_id, {"model.pt": path})
+        write_model(path, run_id=run_id, seed=7)
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "no_metadata":
+        _edit(path, lambda g: _set_prop(g, "format", None))
+    elif how == "unsafe_preprocessing":  # the warm-up would build a 10-gigapixel face
+        spec = {"input_size": 100_000, "grayscale": True, "contrast": "equalize", "mean": 0.5, "std": 0.29}
+        _edit(path, lambda g: _set_prop(g, "preprocessing", json.dumps(spec)))
+    elif how == "external_weights":
+        _external_weights(path)
+    publish_run(folder, run_id, {"model.onnx": path}, model_name="model.onnx")
     if how == "wrong_sha256":
         pointer = json.loads((folder / LATEST).read_text())
         pointer["sha256"] = "0" * 64
@@ -105,7 +136,7 @@ def test_broken_model_at_startup(
     assert any("will not become ready" in m and REFUSALS[how] in m for m in error_messages(caplog)), error_messages(caplog)
 
     # The same model with FALLBACK_TO_BUNDLED: the bundled model serves, and /model says why.
-    bundled = write_checkpoint(tmp_path / "bundled.pt", run_id="bundled-run", seed=5)
+    bundled = write_model(tmp_path / "bundled.onnx", run_id="bundled-run", seed=5)
     env = {"FALLBACK_TO_BUNDLED": "true", "BUNDLED_MODEL_PATH": str(bundled)}
     with running_app(monkeypatch, MODEL_URI=str(folder), **env) as client:
         assert client.get("/readyz").status_code == 200

@@ -27,7 +27,7 @@ from app.faces import whole_image_crop
 from app.images import configure_pillow, decode_image, to_gray_or_rgb
 from bench import fuzz_corpus
 from tests.utils import corpus
-from tests.utils.service import clean_service_env, write_checkpoint
+from tests.utils.service import clean_service_env, write_model
 
 # Small limits keep the corpus's largest images (at the pixel limit) and its oversized upload cheap.
 MAX_PIXELS = 4_000_000
@@ -73,8 +73,8 @@ def test_corpus_through_a_real_server(tmp_path: Path, monkeypatch: pytest.Monkey
     """Every case to ``/predict`` and, mixed in batches, to ``/predict/batch``: one uvicorn process."""
     clean_service_env(monkeypatch)
     out = tmp_path / "fuzz_corpus.json"
-    env = {"TORCH_THREADS": "1", "MAX_IMAGE_PIXELS": str(MAX_PIXELS), "MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}
-    argv = ["--model", str(write_checkpoint(tmp_path / "model.pt")), "--output", str(out)]
+    env = {"INFERENCE_THREADS": "1", "MAX_IMAGE_PIXELS": str(MAX_PIXELS), "MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}
+    argv = ["--model", str(write_model(tmp_path / "model.pt")), "--output", str(out)]
     argv += [arg for name, value in env.items() for arg in ("--server-env", f"{name}={value}")]
     status = fuzz_corpus.main(argv)
     record = json.loads(out.read_text())

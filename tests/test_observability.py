@@ -68,7 +68,7 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
     return match.value
 
 
-def test_metrics_count_requests_faces_and_predictions(client: TestClient, checkpoint_path: Path) -> None:
+def test_metrics_count_requests_faces_and_predictions(client: TestClient, model_path: Path) -> None:
     faces_returned = 0
     for data, detect in [(photo_jpeg("astronaut"), None), (photo_jpeg("coffee"), None), (gray_png(), False)]:
         r = post_image(client, data, detect=detect)
@@ -122,7 +122,7 @@ def test_metrics_count_requests_faces_and_predictions(client: TestClient, checkp
         "version": "test-run",
         "run_id": "test-run",
         "architecture": "compact",
-        "sha256": sha256_file(checkpoint_path),
+        "sha256": sha256_file(model_path),
     }
     loads = metrics["fer_model_loads"]
     assert value(loads, "fer_model_loads_total", result="success") == 1
@@ -142,8 +142,8 @@ def test_failed_model_load_is_counted(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert metrics["fer_model_info"] == []
 
 
-def test_each_app_has_its_own_registry(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    monkeypatch.setenv("MODEL_URI", str(checkpoint_path))
+def test_each_app_has_its_own_registry(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    monkeypatch.setenv("MODEL_URI", str(model_path))
     with TestClient(create_app()) as first, TestClient(create_app()) as second:
         assert post_image(first, gray_png(), detect=False).status_code == 200
         counted = [s for s in scrape(second).get("fer_http_requests", []) if s.name == "fer_http_requests_total"]
@@ -234,9 +234,9 @@ def otlp_receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
         server.server_close()
 
 
-def traced_env(checkpoint_path: Path, receiver: OtlpReceiver) -> dict[str, str]:
+def traced_env(model_path: Path, receiver: OtlpReceiver) -> dict[str, str]:
     return {
-        "MODEL_URI": str(checkpoint_path),
+        "MODEL_URI": str(model_path),
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_SERVICE_NAME": "fer-test",
@@ -268,12 +268,12 @@ UNBATCHED_PARENTS = {"decode": "server", "detect_faces": "server", "preprocess":
 @pytest.mark.parametrize(("batch_max_size", "parents"), [("32", BATCHED_PARENTS), ("1", UNBATCHED_PARENTS)])
 def test_request_span_continues_the_callers_trace(
     monkeypatch: pytest.MonkeyPatch,
-    checkpoint_path: Path,
+    model_path: Path,
     otlp_receiver: OtlpReceiver,
     batch_max_size: str,
     parents: dict[str, str],
 ) -> None:
-    env = {**traced_env(checkpoint_path, otlp_receiver), "BATCH_MAX_SIZE": batch_max_size}
+    env = {**traced_env(model_path, otlp_receiver), "BATCH_MAX_SIZE": batch_max_size}
     with running_app(monkeypatch, **env) as client:
         assert client.app.state.tracing.enabled
         r = post_image(client, photo_jpeg("astronaut"), "astronaut.jpg", headers={"traceparent": TRACEPARENT})
@@ -308,9 +308,9 @@ def test_request_span_continues_the_callers_trace(
 
 
 def test_without_traceparent_the_request_starts_a_trace(
-    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, otlp_receiver: OtlpReceiver
+    monkeypatch: pytest.MonkeyPatch, model_path: Path, otlp_receiver: OtlpReceiver
 ) -> None:
-    with running_app(monkeypatch, **traced_env(checkpoint_path, otlp_receiver)) as client:
+    with running_app(monkeypatch, **traced_env(model_path, otlp_receiver)) as client:
         assert post_batch(client, [("a.png", gray_png()), ("b.png", gray_png())], detect=False).status_code == 200
     spans = otlp_receiver.spans()
     (server,) = [span for span in spans if span.kind == Span.SPAN_KIND_SERVER]
@@ -329,11 +329,11 @@ def test_without_traceparent_the_request_starts_a_trace(
 
 
 def test_micro_batched_requests_link_to_their_shared_forward_pass(
-    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, otlp_receiver: OtlpReceiver
+    monkeypatch: pytest.MonkeyPatch, model_path: Path, otlp_receiver: OtlpReceiver
 ) -> None:
     """Three requests, the last two in one pass: that pass is traced once, in the trace of the
     first request in it, linked to both requests' ``classify`` spans, which link back to it."""
-    env = {**traced_env(checkpoint_path, otlp_receiver), "BATCH_MAX_SIZE": "8", "MAX_CONCURRENT_INFERENCES": "2"}
+    env = {**traced_env(model_path, otlp_receiver), "BATCH_MAX_SIZE": "8", "MAX_CONCURRENT_INFERENCES": "2"}
     with running_app(monkeypatch, **env) as client, ThreadPoolExecutor(3) as pool:
         real = client.app.state.predictor
         entered, release = threading.Event(), threading.Event()
@@ -415,10 +415,10 @@ def test_invalid_tracing_settings_stop_startup(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_cloud_trace_exporter_missing_is_logged(
-    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.cloud_trace", None)  # import fails: not installed
-    env = {"MODEL_URI": str(checkpoint_path), "OTEL_TRACES_EXPORTER": "gcp_trace"}
+    env = {"MODEL_URI": str(model_path), "OTEL_TRACES_EXPORTER": "gcp_trace"}
     with caplog.at_level(logging.ERROR), running_app(monkeypatch, **env) as client:
         assert client.get("/readyz").status_code == 200  # the service runs, untraced
         assert post_image(client, gray_png(), detect=False).status_code == 200
@@ -450,10 +450,10 @@ def json_lines(stream: io.StringIO) -> list[dict]:
 
 
 def test_log_lines_carry_the_trace(
-    monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path, otlp_receiver: OtlpReceiver, json_log: io.StringIO
+    monkeypatch: pytest.MonkeyPatch, model_path: Path, otlp_receiver: OtlpReceiver, json_log: io.StringIO
 ) -> None:
     corrupt = photo_jpeg("astronaut")[:2000]  # a truncated JPEG: rejected while decoding, which logs why
-    with running_app(monkeypatch, **traced_env(checkpoint_path, otlp_receiver)) as client:
+    with running_app(monkeypatch, **traced_env(model_path, otlp_receiver)) as client:
         assert post_image(client, gray_png(), detect=False, headers={"traceparent": TRACEPARENT}).status_code == 200
         assert post_image(client, corrupt, headers={"traceparent": TRACEPARENT}).status_code == 400
     spans = otlp_receiver.spans()

@@ -139,7 +139,7 @@ def test_promote_policies_and_repeated_rollbacks(tmp_path: Path) -> None:
     for n, policy in enumerate(["never", "always", "if-better"]):
         info = LatestPointer(run_id=f"r{n}", path="", sha256="", metrics={"val_accuracy": 0.5 - n / 10, "val_split": "v"})
         files["model.pt"].write_bytes(f"model {n}".encode())
-        outcome = promote.publish_and_promote(uri, files, info, policy, Gate(), ACTOR)
+        outcome = promote.publish_and_promote(uri, files, "model.pt", info, policy, Gate(), ACTOR)
         assert outcome.promoted == (policy == "always"), outcome.reason
     assert storage.read_latest(uri).run_id == "r1" and storage.read_run(uri, "r0").run_id == "r0"
     for run in ["r0", "r2"]:
@@ -313,9 +313,9 @@ def test_a_run_publishes_every_file_and_serves_the_one_named(tmp_path: Path) -> 
     for name, path in files.items():
         path.write_bytes(name.encode())
     uri = tmp_path / "models"
-    pointer = storage.publish_run(uri, "r", files, serve_name="model.onnx")
+    pointer = storage.publish_run(uri, "r", files, model_name="model.onnx")
     assert (pointer.path, pointer.sha256) == ("r/model.onnx", hashlib.sha256(b"model.onnx").hexdigest())
     assert pointer.files == {name: hashlib.sha256(name.encode()).hexdigest() for name in files}
     assert storage.read_latest(uri) == pointer and served_file_matches(str(uri))
     with pytest.raises(ValueError, match=r"must include model\.int8\.onnx"):
-        storage.publish_run(uri, "s", files, serve_name="model.int8.onnx")
+        storage.publish_run(uri, "s", files, model_name="model.int8.onnx")

@@ -27,8 +27,6 @@ from starlette.datastructures import State
 from app.main import create_app
 from app.model import Prediction
 from app.settings import ConfigError
-from fercore.checkpoint import make_checkpoint, save_checkpoint
-from fercore.models import ModelConfig, create_model
 from fercore.storage import publish_run, sha256_file
 from tests.conftest import free_port
 from tests.utils.service import (
@@ -42,7 +40,8 @@ from tests.utils.service import (
     running_app,
     scrape,
     served_versions,
-    write_checkpoint,
+    write_mismatched_model,
+    write_model,
 )
 
 TOKEN = "test-admin-token-0123456789"
@@ -64,26 +63,24 @@ def publish_broken(prefix: str, tmp_path: Path, gcs: Bucket, run_id: str, how: s
     """Publish run ``run_id`` whose model cannot be served, in one of three ways."""
     if how == "sha256_mismatch":  # latest.json names other bytes than the object holds
         publish(prefix, tmp_path, run_id)
-        other = write_checkpoint(tmp_path / f"{run_id}-other.pt", run_id=run_id, seed=99)
-        gcs.blob(f"models/{run_id}/model.pt").upload_from_filename(str(other))
-    elif how == "not_a_checkpoint":
-        junk = tmp_path / run_id / "model.pt"
+        other = write_model(tmp_path / f"{run_id}-other.onnx", run_id=run_id, seed=99)
+        gcs.blob(f"models/{run_id}/model.onnx").upload_from_filename(str(other))
+    elif how == "not_a_model":
+        junk = tmp_path / run_id / "model.onnx"
         junk.parent.mkdir(parents=True, exist_ok=True)
-        junk.write_bytes(b"this is not a torch file")
-        publish_run(prefix, run_id, {"model.pt": junk})
-    elif how == "wrong_architecture":  # the config says width 8, the weights are width 4
-        path = tmp_path / run_id / "model.pt"
-        ckpt = make_checkpoint(create_model("compact", width=4), ModelConfig("compact", {"width": 8}), run_id=run_id)
-        save_checkpoint(ckpt, path, with_training_state=False)
-        publish_run(prefix, run_id, {"model.pt": path})
+        junk.write_bytes(b"this is not an ONNX file")
+        publish_run(prefix, run_id, {"model.onnx": junk}, model_name="model.onnx")
+    elif how == "wrong_signature":  # the metadata names 5 classes, the graph gives 7 scores
+        path = write_mismatched_model(tmp_path / run_id / "model.onnx", run_id=run_id)
+        publish_run(prefix, run_id, {"model.onnx": path}, model_name="model.onnx")
     else:
         raise ValueError(how)
 
 
 REFUSALS = {
     "sha256_mismatch": "does not match",
-    "not_a_checkpoint": "unreadable or truncated",
-    "wrong_architecture": "weights do not fit",
+    "not_a_model": "not a loadable ONNX model",
+    "wrong_signature": "does not fit 5 classes",
 }
 
 
@@ -144,7 +141,7 @@ def test_unservable_model_is_refused_without_retries(
     assert any("will not become ready" in m and REFUSALS[how] in m for m in errors), errors
     assert retry_warnings(caplog) == []  # a bad model is bad the next time too
     if how == "sha256_mismatch":  # the download was verified before its rename: nothing left behind
-        assert not list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.pt"))
+        assert not list(Path(os.environ["FER_CACHE_DIR"]).rglob("model.onnx"))
 
 
 def test_unreachable_gcs_is_retried_then_unready(
@@ -180,7 +177,7 @@ def test_fallback_to_bundled_when_gcs_is_down(
 ) -> None:
     publish(prefix, tmp_path, "run-1")
     emulator = os.environ["STORAGE_EMULATOR_HOST"]
-    bundled = write_checkpoint(tmp_path / "bundled.pt", run_id="bundled-run", seed=5)
+    bundled = write_model(tmp_path / "bundled.onnx", run_id="bundled-run", seed=5)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # GCS down at startup
     env = {"FALLBACK_TO_BUNDLED": "true", "BUNDLED_MODEL_PATH": str(bundled), "ADMIN_TOKEN": TOKEN, **FAST_RETRIES}
     with caplog.at_level(logging.INFO), running_app(monkeypatch, MODEL_URI=prefix, **env) as client:
@@ -204,7 +201,7 @@ def test_fallback_to_bundled_when_gcs_is_down(
 
 
 def test_without_fallback_a_failed_load_stays_unready(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gcs_down: str) -> None:
-    bundled = write_checkpoint(tmp_path / "bundled.pt", run_id="bundled-run")
+    bundled = write_model(tmp_path / "bundled.onnx", run_id="bundled-run")
     env = {"BUNDLED_MODEL_PATH": str(bundled), **FAST_RETRIES}  # FALLBACK_TO_BUNDLED defaults to false
     with running_app(monkeypatch, MODEL_URI="gs://bucket/models", **env) as client:
         assert client.get("/readyz").status_code == 503
@@ -212,7 +209,7 @@ def test_without_fallback_a_failed_load_stays_unready(monkeypatch: pytest.Monkey
 
 def test_fallback_also_covers_a_refused_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str, gcs: Bucket) -> None:
     publish_broken(prefix, tmp_path, gcs, "run-1", "sha256_mismatch")
-    bundled = write_checkpoint(tmp_path / "bundled.pt", run_id="bundled-run")
+    bundled = write_model(tmp_path / "bundled.onnx", run_id="bundled-run")
     env = {"FALLBACK_TO_BUNDLED": "true", "BUNDLED_MODEL_PATH": str(bundled)}
     with running_app(monkeypatch, MODEL_URI=prefix, **env) as client:
         info = client.get("/model").json()
@@ -401,7 +398,7 @@ def test_weak_admin_token_stops_startup_without_echoing_it(monkeypatch: pytest.M
 def test_reload_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.settings import BUNDLED_MODEL, Settings, load_settings
 
-    settings = Settings()  # the environment is clean (_clean_env), but for TORCH_THREADS
+    settings = Settings()  # the environment is clean (_clean_env), but for INFERENCE_THREADS
     assert (settings.model_load_retries, settings.model_load_backoff_s, settings.gcs_timeout_s) == (3, 1.0, 30.0)
     assert (settings.fallback_to_bundled, settings.reload_interval_s, settings.admin_token) == (False, 0.0, None)
     assert settings.bundled_model_path == BUNDLED_MODEL

@@ -19,7 +19,7 @@ import pytest
 
 from app import deps
 from app.tracing import SECRET_HEADERS, sanitized_headers
-from tests.utils.service import clean_service_env, running_app, serve_process, write_checkpoint
+from tests.utils.service import clean_service_env, running_app, serve_process, write_model
 
 TOKEN = "s3cret-admin-token-0123456789abcdef"
 WRONG = "wr0ng-admin-token-fedcba9876543210"  # a client's mistake may well be another real token
@@ -31,7 +31,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     clean_service_env(monkeypatch)
 
 
-def test_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
+def test_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
     compared: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -40,15 +40,15 @@ def test_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch, che
         return real(a, b)
 
     monkeypatch.setattr(deps.hmac, "compare_digest", spy)
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), ADMIN_TOKEN=TOKEN) as client:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), ADMIN_TOKEN=TOKEN) as client:
         assert client.post("/admin/reload", headers={"Authorization": f"Bearer {WRONG}"}).status_code == 401
         assert client.post("/admin/reload").status_code == 401  # no header: compared all the same
         assert client.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert compared == [(WRONG.encode(), TOKEN.encode()), (b"", TOKEN.encode()), (TOKEN.encode(), TOKEN.encode())]
 
 
-def test_a_token_that_is_not_ascii_is_refused_not_a_crash(monkeypatch: pytest.MonkeyPatch, checkpoint_path: Path) -> None:
-    with running_app(monkeypatch, MODEL_URI=str(checkpoint_path), ADMIN_TOKEN=TOKEN) as client:
+def test_a_token_that_is_not_ascii_is_refused_not_a_crash(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    with running_app(monkeypatch, MODEL_URI=str(model_path), ADMIN_TOKEN=TOKEN) as client:
         r = client.post("/admin/reload", headers=[(b"authorization", b"Bearer \xff\xfe" + TOKEN.encode())])
         assert (r.status_code, r.json()) == (401, DETAIL)
 
@@ -63,12 +63,12 @@ def test_credential_headers_are_always_redacted_in_spans(monkeypatch: pytest.Mon
 
 @pytest.mark.slow
 def test_tokens_never_reach_logs_traces_or_answers(tmp_path: Path) -> None:
-    model = write_checkpoint(tmp_path / "model.pt", run_id="security-run")
+    model = write_model(tmp_path / "model.pt", run_id="security-run")
     log = tmp_path / "serve.log"
     served = serve_process(
         log,
         MODEL_URI=str(model),
-        TORCH_THREADS="1",
+        INFERENCE_THREADS="1",
         ADMIN_TOKEN=TOKEN,
         # Spans printed with the service's output, every header of every request in them.
         OTEL_TRACES_EXPORTER="console",

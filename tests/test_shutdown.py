@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from app.settings import Settings
-from tests.utils.service import clean_service_env, gray_png, scrape, serve_process, value, write_checkpoint
+from tests.utils.service import clean_service_env, gray_png, scrape, serve_process, value, write_model
 
 # Only catches a hang.
 HANG_S = 60.0
@@ -81,10 +81,10 @@ def wait_until_refused(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.slow
 def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path) -> None:
-    model = write_checkpoint(tmp_path / "model.pt", run_id="shutdown-run")
+    model = write_model(tmp_path / "model.pt", run_id="shutdown-run")
     log = tmp_path / "serve.log"
     grace = 30  # far longer than the request needs: the exit must not wait it out
-    with serve_process(log, MODEL_URI=str(model), TORCH_THREADS="1", SHUTDOWN_TIMEOUT_S=str(grace)) as (base, proc):
+    with serve_process(log, MODEL_URI=str(model), INFERENCE_THREADS="1", SHUTDOWN_TIMEOUT_S=str(grace)) as (base, proc):
         port = int(base.rsplit(":", 1)[1])
         sock, rest = start_upload(base)
         with sock:
@@ -110,10 +110,10 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_exits_after_the_grace_period_when_a_request_hangs(tmp_path: Path) -> None:
-    model = write_checkpoint(tmp_path / "model.pt")
+    model = write_model(tmp_path / "model.pt")
     log = tmp_path / "serve.log"
     grace = 1
-    with serve_process(log, MODEL_URI=str(model), TORCH_THREADS="1", SHUTDOWN_TIMEOUT_S=str(grace)) as (base, proc):
+    with serve_process(log, MODEL_URI=str(model), INFERENCE_THREADS="1", SHUTDOWN_TIMEOUT_S=str(grace)) as (base, proc):
         sock, _ = start_upload(base)  # ... and the rest of it never comes
         with sock:
             signalled = time.monotonic()

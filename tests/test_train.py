@@ -54,7 +54,8 @@ def test_end_to_end_run_learns_and_publishes(data_zip: Path, tmp_path: Path) -> 
     latest = storage.read_latest(out)
     assert latest.run_id == run.name
     assert storage.sha256_file(out / latest.path) == latest.sha256
-    model = load_checkpoint(out / latest.path)
+    model = load_checkpoint(run / "model.pt")  # published beside the ONNX files the service runs
+    assert latest.path.startswith(f"{run.name}/model") and latest.path in {f"{run.name}/{name}" for name in latest.files}
     assert model.training_state is None and model.metrics["val_accuracy"] == metrics["val_accuracy"]
     assert max(h["val_accuracy"] for h in history) == pytest.approx(metrics["val_accuracy"])
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -107,10 +108,10 @@ def test_publish_to_gcs_output(gcs, data_zip: Path) -> None:
 
 def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "t"), "--epochs", "1", *TINY])
-    teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").path
+    teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").run_id / "model.pt"
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "s"), "--epochs", "1", *TINY,
                 "--model-kwargs", '{"width": 2}', "--teacher", str(teacher)])  # fmt: skip
-    student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").path)
+    student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").run_id / "model.pt")
     assert student.model.kwargs == {"width": 2}
 
 

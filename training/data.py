@@ -23,9 +23,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import sys
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -233,10 +231,8 @@ def _write_cache(cache_file: Path, data: FerData) -> None:
         arrays[f"{name}__images"] = split.images
         arrays[f"{name}__labels"] = split.labels
     arrays["__skipped"] = np.array([f"{k}={v}" for k, v in data.skipped.items()], dtype=str)
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
+    with storage.atomic_write(cache_file) as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]  # uncompressed: loads in well under a second
-    os.replace(tmp, cache_file)
 
 
 def _read_cache(cache_file: Path, fingerprint: str, uri: str) -> FerData:

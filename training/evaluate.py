@@ -2,24 +2,30 @@ r"""Evaluate a checkpoint on any supported FER2013 source.
 
     python -m training.evaluate --checkpoint models/fer-compact.pt \
         --data ../shared/data/fer2013.zip --split test --tta flip --output-json eval.json
+    python -m training.evaluate --checkpoint models/fer-compact.int8.onnx --data ...   # what the service runs
     python -m training.evaluate --checkpoint runs/ --data ...   # the model runs/latest.json names
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fercore import storage
+from fercore.artifact import resolve_model
 from fercore.checkpoint import build_model, load_checkpoint
+from fercore.classifier import OnnxClassifier
 from fercore.preprocessing import PreprocessSpec, normalize
 from training import runtime
 from training.data import Split, load_fer2013
@@ -46,28 +52,41 @@ def _views(x: Tensor, tta: str) -> list[Tensor]:
     raise ValueError(f"unknown TTA {tta!r}")
 
 
+Model = nn.Module | OnnxClassifier  # a PyTorch network, or an exported model run by ONNX Runtime
+
+
+def _forward(model: Model, bf16: bool) -> Callable[[Tensor], Tensor]:
+    """Normalised batch (N, 1, H, W) on the model's device -> class probabilities (N, C), float32."""
+    if isinstance(model, OnnxClassifier):
+        return lambda x: torch.from_numpy(model.probabilities(np.ascontiguousarray(x.cpu().numpy())))
+    device = next(model.parameters()).device
+
+    def forward(x: Tensor) -> Tensor:
+        with runtime.autocast(device, bf16):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        return logits.float().softmax(-1)
+
+    return forward
+
+
 @torch.no_grad()
 def predict_probs(
-    model: nn.Module, images: Tensor, spec: PreprocessSpec, batch_size: int = 512, tta: str = "none", bf16: bool = False
+    model: Model, images: Tensor, spec: PreprocessSpec, batch_size: int = 512, tta: str = "none", bf16: bool = False
 ) -> Tensor:
-    """Class probabilities (N, C) for uint8 images (N, H, W) on the model's device."""
-    device = next(model.parameters()).device
+    """Class probabilities (N, C) for uint8 images (N, H, W), averaged over the TTA views."""
+    forward = _forward(model, bf16)
+    device = torch.device("cpu") if isinstance(model, OnnxClassifier) else next(model.parameters()).device
     out = []
-    with runtime.eval_mode(model):
+    with contextlib.nullcontext() if isinstance(model, OnnxClassifier) else runtime.eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = normalize(images[start : start + batch_size].to(device), spec)
-            probs = torch.zeros(())
             views = _views(x, tta)
-            for v in views:
-                with runtime.autocast(device, bf16):
-                    logits = model(v.contiguous(memory_format=torch.channels_last))
-                probs = probs + logits.float().softmax(-1)
-            out.append((probs / len(views)).cpu())
+            out.append(torch.stack([forward(v) for v in views]).mean(0).cpu())
     return torch.cat(out)
 
 
 def evaluate_split(
-    model: nn.Module,
+    model: Model,
     split: Split,
     spec: PreprocessSpec,
     classes: tuple[str, ...],
@@ -83,17 +102,37 @@ def evaluate_split(
     return report, loss
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """``path`` itself, or for a folder the model file its ``latest.json`` names (a training ``--output``)."""
-    if not path.is_dir():
-        return path
-    return Path(storage.read_latest(path).model_uri(path))
+@dataclass(frozen=True)
+class Loaded:
+    """A model to evaluate and what the report says about it."""
+
+    model: Model
+    spec: PreprocessSpec
+    classes: tuple[str, ...]
+    run_id: str
+    architecture: dict[str, Any]
+    precision: str
+
+
+def load_model(uri: str, device: torch.device) -> Loaded:
+    """A PyTorch checkpoint or an exported ONNX model, found and verified as the service finds it
+    (:func:`fercore.artifact.resolve_model`: a file, a folder holding latest.json, or gs://)."""
+    path = resolve_model(uri).path
+    if path.suffix == ".onnx":
+        onnx_model = OnnxClassifier.load(path, threads=runtime.configure_threads())
+        meta = onnx_model.meta
+        return Loaded(onnx_model, meta.preprocessing, meta.classes, meta.run_id, meta.architecture, meta.precision)
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt).to(device).to(memory_format=torch.channels_last)
+    return Loaded(model, ckpt.preprocessing, ckpt.classes, ckpt.run_id, ckpt.model.to_dict(), "pytorch fp32")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="model.pt file, or a folder holding latest.json (a training --output)"
+        "--checkpoint",
+        required=True,
+        help="model.pt or .onnx file, a folder holding latest.json (a training --output), or gs:// forms of these",
     )
     parser.add_argument("--data", required=True, help="zip, folder, fer2013.csv or gs:// URI")
     parser.add_argument("--split", default="test", help="train, test (PublicTest) or private_test (CSV only)")
@@ -107,18 +146,17 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime.configure_threads()
     device = runtime.pick_device(args.device)
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    ckpt = load_checkpoint(checkpoint)
-    model = build_model(ckpt).to(device).to(memory_format=torch.channels_last)
-    data = load_fer2013(args.data, ckpt.preprocessing, skip_bad=args.skip_bad)
+    loaded = load_model(args.checkpoint, device)
+    data = load_fer2013(args.data, loaded.spec, skip_bad=args.skip_bad)
     split = data[args.split]
-    # Evaluate in fp32 so the figure does not depend on the CPU's bf16 support.
-    report, loss = evaluate_split(model, split, ckpt.preprocessing, ckpt.classes, args.tta, args.batch_size)
+    # Evaluate without bf16 so the figure does not depend on the CPU's bf16 support.
+    report, loss = evaluate_split(loaded.model, split, loaded.spec, loaded.classes, args.tta, args.batch_size)
     report.update(
         {
-            "checkpoint": str(checkpoint),
-            "run_id": ckpt.run_id,
-            "model": ckpt.model.to_dict(),
+            "checkpoint": args.checkpoint,
+            "run_id": loaded.run_id,
+            "model": loaded.architecture,
+            "precision": loaded.precision,
             "data": str(args.data),
             "dataset_fingerprint": data.fingerprint,
             "split": args.split,
@@ -134,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         png = args.output_json.with_suffix(".png")
         plot_confusion_matrix(
             report["confusion_matrix"],
-            ckpt.classes,
+            loaded.classes,
             png,
-            f"{ckpt.model.name} on {args.split} (tta={args.tta}): acc {report['accuracy']:.3f}",
+            f"{loaded.architecture.get('name')} ({loaded.precision}) on {args.split} (tta={args.tta}): "
+            f"acc {report['accuracy']:.3f}",
         )
         log.info("wrote %s and %s", args.output_json, png)
     return 0

@@ -27,7 +27,7 @@ from fercore import registry, storage
 from fercore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fercore.registry import Actor, Gate, Outcome
 from fercore.storage import LatestPointer
-from training.export import SERVED_FILE, export_for_serving
+from training.export import export_for_serving
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,19 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def publish_and_promote(
-    output: str, candidate_files: dict[str, Path], info: LatestPointer, policy: str, gate: Gate, actor: Actor
+    output: str, files: dict[str, Path], serve: str, info: LatestPointer, policy: str, gate: Gate, actor: Actor
 ) -> Outcome:
-    """Publish ``candidate_files`` as run ``info.run_id`` (``info`` gives its metrics, creation
-    time and dataset fingerprint), then promote it as ``policy`` says: ``if-better`` under
-    ``gate``, ``always`` past it, ``never`` not at all. The run is published whatever happens."""
+    """Publish ``files`` as run ``info.run_id``, the service to run ``serve`` (``info`` gives
+    the metrics, creation time and dataset fingerprint), then promote it as ``policy`` says:
+    ``if-better`` under ``gate``, ``always`` past it, ``never`` not at all. The run is published
+    whatever happens."""
     if policy not in POLICIES:
         raise ValueError(f"unknown promotion policy {policy!r} (one of {', '.join(POLICIES)})")
     candidate = storage.publish_run(
         output,
         info.run_id,
-        candidate_files,
-        serve_name=SERVED_FILE,
+        files,
+        model_name=serve,
         metrics=scalar_metrics(info.metrics),
         created_at=info.created_at,
         dataset_fingerprint=info.dataset_fingerprint,
@@ -88,7 +89,8 @@ def describe(outcome: Outcome) -> str:
 
 
 def _publish_checkpoint(args: argparse.Namespace, gate: Gate, actor: Actor) -> Outcome:
-    """``--checkpoint``: a copy without training state, its serving exports, published and promoted."""
+    """``--checkpoint``: a copy without training state and its serving exports, published as a
+    run and promoted. A run already published from the same checkpoint is promoted as it is."""
     source = storage.fetch_to_cache(args.checkpoint) if storage.is_gcs(args.checkpoint) else Path(args.checkpoint)
     ckpt = load_checkpoint(source)
     run_id = ckpt.run_id or f"ckpt-{storage.sha256_file(source)[:12]}"
@@ -96,27 +98,33 @@ def _publish_checkpoint(args: argparse.Namespace, gate: Gate, actor: Actor) -> O
         raise ValueError(f"{args.checkpoint}: run id {run_id!r} cannot name a folder")
     staging = storage.cache_dir() / "publish" / run_id  # the exports are written next to the copy, not next to CKPT
     save_checkpoint(ckpt, staging / "model.pt", with_training_state=False)
-    files = export_for_serving(staging / "model.pt", args.data)
-    _refuse_republishing(args.output, run_id, files)
+    applied = None if args.force else gate
+    existing = _published(args.output, run_id)
+    if existing is not None:
+        # Exporting again would rewrite the served file with other bytes than latest.json names.
+        if existing.files.get("model.pt") != storage.sha256_file(staging / "model.pt"):
+            raise ValueError(f"run {run_id} is already published in {args.output} from another checkpoint")
+        return registry.promote(args.output, existing, applied, actor, fingerprint_of=served_fingerprint(args.output))
+    export = export_for_serving(staging / "model.pt", args.data)
     info = LatestPointer(
         run_id=run_id,
         path="",
         sha256="",
-        metrics=ckpt.metrics,
+        metrics={**ckpt.metrics, **export.metrics},
         created_at=ckpt.created_at,
         dataset_fingerprint=ckpt.dataset_fingerprint,
     )
-    return publish_and_promote(args.output, files, info, "always" if args.force else "if-better", gate, actor)
+    return publish_and_promote(
+        args.output, export.files, export.serve, info, "always" if args.force else "if-better", gate, actor
+    )
 
 
-def _refuse_republishing(output: str, run_id: str, files: dict[str, Path]) -> None:
-    """A published run is never modified: the served pointer's sha256 would stop matching."""
+def _published(output: str, run_id: str) -> LatestPointer | None:
+    """The run's candidate pointer, if it is published already."""
     try:
-        existing = storage.read_run(output, run_id)
-    except Exception:  # not published yet (FileNotFoundError, GCS NotFound...)
-        return
-    if existing.files.get(SERVED_FILE) not in (None, storage.sha256_file(files[SERVED_FILE])):
-        raise ValueError(f"run {run_id} is already published in {output} with another {SERVED_FILE}")
+        return storage.read_run(output, run_id)
+    except Exception:  # not published (FileNotFoundError, GCS NotFound...)
+        return None
 
 
 def read_published(output: str, run_id: str) -> LatestPointer:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from fercore.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,8 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def configure_threads(num_threads: int = 0) -> int:
-    n = num_threads or usable_cpus()
+    n = num_threads or available_cpus()
     torch.set_num_threads(n)
     return n
 

@@ -477,17 +477,19 @@ def publish(run: Run, best: Checkpoint) -> registry.Outcome:
     """Publish the run folder (without its resume state) and the serving exports, then promote."""
     private = {"last.pt", "best.pt", storage.RUN_POINTER}
     files = {p.name: p for p in run.folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in private}
-    files.update(export_for_serving(run.folder / "model.pt", run.data.dataset.source))
+    export = export_for_serving(run.folder / "model.pt", run.data.dataset)
+    files.update(export.files)
     info = storage.LatestPointer(
         run_id=run.state.run_id,
         path="",
         sha256="",
-        metrics=best.metrics,
+        metrics={**best.metrics, **export.metrics},
         created_at=best.created_at,
         dataset_fingerprint=run.data.dataset.fingerprint,
     )
     gate = registry.Gate(tolerance=run.cfg.promote_tolerance, min_accuracy=run.cfg.promote_min_accuracy)
-    return promote.publish_and_promote(run.output, files, info, run.cfg.promote, gate, registry.Actor.here("training.train"))
+    actor = registry.Actor.here("training.train")
+    return promote.publish_and_promote(run.output, files, export.serve, info, run.cfg.promote, gate, actor)
 
 
 def build_parser() -> argparse.ArgumentParser:

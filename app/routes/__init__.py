@@ -1,5 +1,5 @@
 """One router per resource."""
 
-from app.routes import admin, health, metrics, model, predict
+from app.routes import admin, health, metrics, model, page, predict
 
-__all__ = ["admin", "health", "metrics", "model", "predict"]
+__all__ = ["admin", "health", "metrics", "model", "page", "predict"]

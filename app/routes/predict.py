@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
-from opentelemetry.trace import NoOpTracer, Tracer
-from PIL import Image
 
-from app.batching import MicroBatcher
-from app.concurrency import InferenceLimiter
+from app import explain as explaining
 from app.deps import BatcherDep, DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
 from app.errors import (
     CorruptImage,
@@ -24,16 +19,12 @@ from app.errors import (
     TooManyFiles,
     UnsupportedImage,
 )
-from app.faces import Box, FaceDetector, crop_faces, whole_image_crop
-from app.images import decode_image
-from app.metrics import Metrics
-from app.model import Prediction, Predictor
-from app.schemas import BatchResponse, ErrorBody, Face, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
+from app.pipeline import Classify, ClassifyBatched, ClassifyInSlot, Pipeline
+from app.schemas import BatchResponse, ErrorBody, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
 
 router = APIRouter(tags=["predict"])
 
 CHUNK_BYTES = 1 << 20
-NO_TRACER = NoOpTracer()
 
 FORMATS = "JPEG, PNG, GIF, BMP, TIFF, WebP or PPM"
 _BUSY = "model not loaded, or server busy (every inference slot taken and the queue full: retry after `Retry-After` seconds)"
@@ -77,50 +68,7 @@ DetectParam = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class FacePipeline:
-    """Where a request's steps run: decode and detection in an inference slot of ``limiter``;
-    classification in that same slot, or, with a ``batcher``, in a forward pass shared with other
-    requests, the request still admitted (counted against the limiter's bound) while it waits."""
-
-    limiter: InferenceLimiter
-    batcher: MicroBatcher | None
-    metrics: Metrics
-    predictor: Predictor
-    detector: FaceDetector | None  # None: each image is one face crop
-    max_pixels: int
-    tracer: Tracer
-
-    async def image(self, data: bytes) -> list[Face]:
-        """The faces in one image; a bad image raises its :class:`ServiceError`."""
-        faces: list[Face]
-        if self.batcher is None:
-            faces = await self.limiter.run(classify_image, self.predictor, self.detector, data, self.max_pixels, self.tracer)
-            self.metrics.observe_forward_pass(len(faces))
-        else:
-            async with self.limiter.admit():
-                boxes, crops = await self.limiter.run_admitted(locate_image, self.detector, data, self.max_pixels, self.tracer)
-                faces = to_faces(boxes, await self.batcher.predict(self.predictor, crops))
-        self.metrics.observe_images([[face.emotion for face in faces]])
-        return faces
-
-    async def uploads(self, uploads: Sequence[bytes | ServiceError]) -> list[list[Face] | ServiceError]:
-        """The faces in each upload, all classified in one forward pass; errors stay in their place."""
-        outcomes: list[list[Face] | ServiceError]
-        if self.batcher is None:
-            outcomes = await self.limiter.run(
-                classify_uploads, self.predictor, self.detector, uploads, self.max_pixels, self.tracer
-            )
-            self.metrics.observe_forward_pass(sum(len(item) for item in outcomes if not isinstance(item, ServiceError)))
-        else:
-            async with self.limiter.admit():
-                located = await self.limiter.run_admitted(locate_uploads, self.detector, uploads, self.max_pixels, self.tracer)
-                outcomes = assign(located, await self.batcher.predict(self.predictor, crops_of(located)))
-        self.metrics.observe_images([[face.emotion for face in item] for item in outcomes if not isinstance(item, ServiceError)])
-        return outcomes
-
-
-def face_pipeline(
+async def request_pipeline(
     predictor: PredictorDep,
     detector: DetectorDep,
     limiter: LimiterDep,
@@ -129,17 +77,29 @@ def face_pipeline(
     metrics: MetricsDep,
     tracer: TracerDep,
     detect: DetectParam = True,
-) -> FacePipeline:
+) -> Pipeline:
     """The request's pipeline: the app's parts, and the ``detect`` query parameter of both routes."""
-    return FacePipeline(limiter, batcher, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
+    classify: Classify = ClassifyInSlot(limiter, metrics) if batcher is None else ClassifyBatched(batcher)
+    return Pipeline(limiter, classify, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
 
 
-PipelineDep = Annotated[FacePipeline, Depends(face_pipeline)]
+PipelineDep = Annotated[Pipeline, Depends(request_pipeline)]
+
+ExplainParam = Annotated[
+    bool,
+    Query(
+        description=f"add to each face (at most {explaining.MAX_EXPLAINED_FACES}, the largest) `explanation`: where the model"
+        f" looked, as an occlusion heatmap over the face crop; costs {explaining.GRID**2 + 1} model inputs per face, in one batch"
+    ),
+]
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict(
-    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")], pipeline: PipelineDep, settings: SettingsDep
+    file: Annotated[UploadFile, File(description=f"an image: {FORMATS}")],
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    explain: ExplainParam = False,
 ) -> PredictResponse:
     """Find the faces in an image and classify the facial expression of each.
 
@@ -150,9 +110,12 @@ async def predict(
 
     With `detect=false` the whole image is classified as one face crop, for images that are
     face crops already; its `box` is then the whole image.
+
+    With `explain=true`, each of the (at most 4) largest faces also gets `explanation`: a heatmap
+    of where the model looked (occlusion sensitivity: see `method`, `forward_passes`).
     """
     # A full server has answered 503 already, before reading the upload (app.concurrency.RefuseWhenFull).
-    faces = await pipeline.image(await read_upload(file, settings.max_upload_bytes))
+    faces = await pipeline.image(await read_upload(file, settings.max_upload_bytes), explain)
     return PredictResponse(faces=faces, model=ModelRef.from_info(pipeline.predictor.info))
 
 
@@ -204,88 +167,3 @@ async def read_upload_or_error(file: UploadFile, max_bytes: int) -> bytes | Serv
         return await read_upload(file, max_bytes)
     except ServiceError as exc:
         return exc
-
-
-Located = tuple[list[Box], list[Image.Image]]  # the face boxes in an image and the crops to classify
-
-
-def classify_image(
-    predictor: Predictor, detector: FaceDetector | None, data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER
-) -> list[Face]:
-    """Decode, find the faces (or take the whole image when ``detector`` is None), classify them."""
-    boxes, crops = locate_image(detector, data, max_pixels, tracer)
-    return to_faces(boxes, predictor.predict_faces(crops) if crops else [])
-
-
-def classify_uploads(
-    predictor: Predictor,
-    detector: FaceDetector | None,
-    uploads: Sequence[bytes | ServiceError],
-    max_pixels: int,
-    tracer: Tracer = NO_TRACER,
-) -> list[list[Face] | ServiceError]:
-    """:func:`classify_image` for each upload, with the faces of all of them in one forward pass.
-
-    An upload that is already an error, or fails to decode, stays an error in its place.
-    """
-    located = locate_uploads(detector, uploads, max_pixels, tracer)
-    crops = crops_of(located)
-    return assign(located, predictor.predict_faces(crops) if crops else [])
-
-
-def locate_image(detector: FaceDetector | None, data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER) -> Located:
-    """Decode ``data`` and find its faces: everything before classification."""
-    return locate_faces(decode(data, max_pixels, tracer), detector, tracer)
-
-
-def locate_uploads(
-    detector: FaceDetector | None, uploads: Sequence[bytes | ServiceError], max_pixels: int, tracer: Tracer = NO_TRACER
-) -> list[Located | ServiceError]:
-    """:func:`locate_image` for each upload; an upload that is an error, or fails to decode, stays one."""
-    located: list[Located | ServiceError] = []
-    for upload in uploads:
-        if isinstance(upload, ServiceError):
-            located.append(upload)
-            continue
-        try:
-            located.append(locate_image(detector, upload, max_pixels, tracer))
-        except ServiceError as exc:
-            located.append(exc)
-    return located
-
-
-def crops_of(located: Sequence[Located | ServiceError]) -> list[Image.Image]:
-    """Every crop to classify, in upload order."""
-    return [crop for item in located if not isinstance(item, ServiceError) for crop in item[1]]
-
-
-def to_faces(boxes: Sequence[Box], predictions: Sequence[Prediction]) -> list[Face]:
-    return [Face(box=box, **prediction) for box, prediction in zip(boxes, predictions, strict=True)]
-
-
-def assign(located: Sequence[Located | ServiceError], predictions: Sequence[Prediction]) -> list[list[Face] | ServiceError]:
-    """Each upload's faces from its boxes and its share of ``predictions`` (:func:`crops_of`'s order)."""
-    remaining = iter(predictions)
-    return [item if isinstance(item, ServiceError) else [Face(box=box, **next(remaining)) for box in item[0]] for item in located]
-
-
-def decode(data: bytes, max_pixels: int, tracer: Tracer = NO_TRACER) -> Image.Image:
-    """:func:`~app.images.decode_image` in a ``decode`` span (a rejected file ends it in error)."""
-    with tracer.start_as_current_span("decode", attributes={"fer.bytes": len(data)}) as span:
-        image = decode_image(data, max_pixels)
-        span.set_attribute("fer.image.width", image.width)
-        span.set_attribute("fer.image.height", image.height)
-        return image
-
-
-def locate_faces(
-    image: Image.Image, detector: FaceDetector | None, tracer: Tracer = NO_TRACER
-) -> tuple[list[Box], list[Image.Image]]:
-    """The face boxes in ``image`` and the crops to classify; without a detector, the whole image."""
-    if detector is None:
-        width, height = image.size
-        return [(0, 0, width, height)], [whole_image_crop(image)]  # shrunk: see whole_image_crop
-    with tracer.start_as_current_span("detect_faces") as span:
-        boxes = detector.detect(image)
-        span.set_attribute("fer.faces", len(boxes))
-    return boxes, crop_faces(image, boxes)

@@ -5,6 +5,7 @@ made in code, the upload calls, and what ``/metrics`` and the logs say about mod
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -25,10 +26,11 @@ from prometheus_client.samples import Sample
 
 from app.main import create_app
 from bench.service import stop
-from fercore.checkpoint import make_checkpoint, save_checkpoint
+from fercore.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
 from fercore.storage import publish_run
 from tests.conftest import free_port
+from training.export import export_onnx
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,13 +39,12 @@ SETTINGS_ENV = (
     "MODEL_URI",
     "MAX_UPLOAD_BYTES",
     "MAX_IMAGE_PIXELS",
-    "TORCH_THREADS",
+    "INFERENCE_THREADS",
     "MAX_BATCH_FILES",
     "MAX_CONCURRENT_INFERENCES",
     "MAX_QUEUE",
     "BATCH_MAX_SIZE",
     "BATCH_MAX_WAIT_MS",
-    "OPTIMIZE_MODEL",
     "MODEL_LOAD_RETRIES",
     "MODEL_LOAD_BACKOFF_S",
     "GCS_TIMEOUT_S",
@@ -62,7 +63,7 @@ def clean_service_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     for name in [name for name in os.environ if name.startswith("OTEL_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("TORCH_THREADS", "1")
+    monkeypatch.setenv("INFERENCE_THREADS", "1")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
 
 
@@ -75,10 +76,30 @@ def write_checkpoint(path: Path, run_id: str = "test-run", seed: int = 0) -> Pat
     return path
 
 
+def write_model(path: Path, run_id: str = "test-run", seed: int = 0) -> Path:
+    """A tiny real served model: :func:`write_checkpoint` exported by ``training.export`` to ONNX at
+    ``path`` with the suffix ``.onnx`` (the checkpoint beside it, suffix ``.pt``); the ONNX path."""
+    checkpoint = write_checkpoint(path.with_suffix(".pt"), run_id=run_id, seed=seed)
+    return export_onnx(load_checkpoint(checkpoint), path.with_suffix(".onnx"))
+
+
+def write_mismatched_model(path: Path, run_id: str = "test-run") -> Path:
+    """:func:`write_model` whose metadata names 5 classes while its graph gives 7 scores."""
+    import onnx
+
+    write_model(path, run_id=run_id)
+    graph = onnx.load(str(path))
+    for prop in graph.metadata_props:
+        if prop.key == "classes":
+            prop.value = json.dumps(["a", "b", "c", "d", "e"])
+    onnx.save(graph, str(path))
+    return path
+
+
 def publish(prefix: str, tmp_path: Path, run_id: str, seed: int = 0) -> Path:
-    """Publish a tiny checkpoint as run ``run_id`` under ``prefix``; the local file it came from."""
-    model = write_checkpoint(tmp_path / run_id / "model.pt", run_id=run_id, seed=seed)
-    publish_run(prefix, run_id, {"model.pt": model}, metrics={"val_accuracy": 0.5})
+    """Publish a tiny model as run ``run_id`` under ``prefix``; the local ONNX file it came from."""
+    model = write_model(tmp_path / run_id / "model.onnx", run_id=run_id, seed=seed)
+    publish_run(prefix, run_id, {"model.onnx": model}, model_name="model.onnx", metrics={"val_accuracy": 0.5})
     return model
 
 
@@ -93,11 +114,11 @@ def running_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestCli
 
 @contextmanager
 def uvicorn_server(log_path: Path, ready_timeout: float = 90.0, **env: str) -> Iterator[str]:
-    """The real app (``app.main:app``) served by a uvicorn process on a free 127.0.0.1 port, with
+    """The real app (``app.main:serve_app``) served by a uvicorn process on a free 127.0.0.1 port, with
     ``env`` added to this process's environment. Yields the base URL once ``/readyz`` answers 200;
     the server's output goes to ``log_path`` and is shown if it dies before that."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:serve_app", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--log-level", "warning"]
     with _serving(command, port, log_path, ready_timeout, env) as (base, _):
         yield base

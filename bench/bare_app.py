@@ -1,0 +1,30 @@
+"""The floor for ``bench.serving``: a bare FastAPI endpoint that reads and decodes an upload as the
+service does (:func:`app.images.decode_image`) and classifies nothing.
+
+    uvicorn --factory bench.bare_app:create_app
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import FastAPI, File, UploadFile
+
+from app.images import decode_image
+
+MAX_PIXELS = 40_000_000  # the service's default MAX_IMAGE_PIXELS
+
+
+def create_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def ready() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    def predict(file: Annotated[UploadFile, File()]) -> dict[str, object]:
+        image = decode_image(file.file.read(), MAX_PIXELS)
+        return {"faces": [], "size": list(image.size)}
+
+    return app
