@@ -88,9 +88,11 @@ def test_train_publishes_the_gate_refuses_force_promotes_rollback_restores(
     new = found.group(1)
     assert storage.read_latest(uri) == bundled
     published = storage.read_run(uri, new)  # the new run's folder is kept, complete
-    model = storage.read_bytes(storage.join(uri, new, "model.pt"))
-    assert hashlib.sha256(model).hexdigest() == published.files["model.pt"] == published.sha256
-    assert {"metrics.json", "MODEL_CARD.md", "model.pt"} <= set(published.files) and "last.pt" not in published.files
+    for name, sha in published.files.items():
+        assert hashlib.sha256(storage.read_bytes(storage.join(uri, new, name))).hexdigest() == sha, name
+    assert published.sha256 == published.files[published.path.removeprefix(f"{new}/")]  # the served file, an ONNX export
+    assert {"metrics.json", "MODEL_CARD.md", "model.pt", "model.onnx"} <= set(published.files)
+    assert "last.pt" not in published.files
 
     status, out = cli(capsys, "--output", uri, "--run", new)
     assert status == 1 and "dataset fingerprints differ" in out and f"still serving run {BUNDLED_RUN}" in out
@@ -102,7 +104,7 @@ def test_train_publishes_the_gate_refuses_force_promotes_rollback_restores(
     assert status == 0 and f"now serving run {BUNDLED_RUN}: rolled back from run {new}" in out
     back = storage.read_latest(uri)
     assert (back.run_id, back.path, back.sha256) == (bundled.run_id, bundled.path, bundled.sha256) and served_file_matches(uri)
-    assert Predictor.from_uri(uri, optimize=False).info.run_id == BUNDLED_RUN  # what the service loads
+    assert Predictor.from_uri(uri).info.run_id == BUNDLED_RUN  # what the service loads
 
     status, out = cli(capsys, "--output", uri, "--list")
     rows = [line.split()[:4] for line in out.splitlines() if re.match(r"\s*\d+\s", line)]
