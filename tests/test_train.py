@@ -118,7 +118,7 @@ def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
 def test_evaluate_cli_on_a_test_only_zip(data_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "runs"
     train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "2", *TINY])
-    model = out / storage.read_latest(out).path
+    model = out / storage.read_latest(out).run_id / "model.pt"  # the checkpoint (the served file is its ONNX export)
     test_only = synthetic.write_zip(tmp_path / "test_only.zip", {"test": synthetic.default_splits(per_class=12)["test"]})
     for tta in ["none", "flip", "tencrop"]:
         report_path = tmp_path / f"eval-{tta}.json"
