@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: install install-dev lock serve test lint typecheck clean
+.PHONY: install install-dev lock serve test test-fast lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ typecheck:
 
 test: install-dev lint typecheck
 	$(BIN)/pytest --cov=fercore --cov=training --cov=app --cov-report=term --cov-report=xml --cov-fail-under=80
+
+# The inner loop: what is installed already, no lint, no coverage, neither the slow nor the browser
+# tests (pytest markers). `make test` runs everything.
+test-fast:
+	$(BIN)/pytest -m "not slow and not browser" -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

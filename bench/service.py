@@ -50,7 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import httpx
@@ -139,10 +139,13 @@ def image_info(image: BenchImage) -> dict[str, Any]:
 # --- the server --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def listening_socket() -> socket.socket:
+    """A socket listening on a port of 127.0.0.1 the kernel picked, for ``uvicorn --fd``: the
+    server inherits it, so no other process can take the port between choosing and serving."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(socket.SOMAXCONN)
+    return sock
 
 
 def service_env(model: Path | None, extra: dict[str, str]) -> dict[str, str]:
@@ -193,7 +196,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-SERVICE_COMMAND = ("-m", "uvicorn", "--factory", "app.main:serve_app")
+SERVICE_ARGS = ("--factory", "app.main:serve_app")  # uvicorn's arguments for the service
 
 
 @contextlib.contextmanager
@@ -202,24 +205,33 @@ def run_server(
     log_path: Path,
     extra_env: dict[str, str],
     ready_timeout: float = 180.0,
-    command: tuple[str, ...] = SERVICE_COMMAND,
+    app_args: tuple[str, ...] = SERVICE_ARGS,
     cwd: Path = ROOT,
 ) -> Iterator[Server]:
-    """The service (``uvicorn --factory app.main:serve_app``, or ``command`` run by this Python in
-    ``cwd``) serving ``model`` on a free loopback port, from start to ready, stopped on exit. Its
-    output goes to ``log_path`` (appended)."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, *command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    """The service (``uvicorn --factory app.main:serve_app``, or uvicorn with ``app_args`` in ``cwd``)
+    serving ``model`` on a loopback port (:func:`listening_socket`), from start to ready, stopped on
+    exit. Its output goes to ``log_path`` (appended)."""
     env = service_env(model, extra_env)
     with log_path.open("ab") as log_file:
         started = time.perf_counter()
-        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        base_url, process = start_uvicorn([*app_args, "--log-level", "warning"], env=env, stdout=log_file, cwd=cwd)
         try:
             ready_s = wait_ready(process, base_url, started, ready_timeout, log_path)
             yield Server(process, base_url, ready_s, log_path)
         finally:
             stop(process)
+
+
+def start_uvicorn(
+    args: list[str], env: dict[str, str], stdout: IO[bytes], cwd: Path = ROOT
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """``python -m uvicorn *args`` on :func:`listening_socket`'s port (``--fd``): its base URL and
+    process. The process's copy of the socket is the only one left open: once it exits, the port
+    refuses connections."""
+    with listening_socket() as sock:
+        command = [sys.executable, "-m", "uvicorn", *args, "--fd", str(sock.fileno())]
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.STDOUT, pass_fds=[sock.fileno()])
+        return f"http://127.0.0.1:{sock.getsockname()[1]}", process
 
 
 # --- requests ----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import httpx
 
 from app.settings import BUNDLED_MODEL
 from bench.machine import RESULTS_DIR, command_line, memory_mib, write_result
-from bench.service import DEFAULT_DATA, ROOT, SERVICE_COMMAND, BenchImage, bench_images, load_test, run_server, sequential_latency
+from bench.service import DEFAULT_DATA, ROOT, SERVICE_ARGS, BenchImage, bench_images, load_test, run_server, sequential_latency
 from bench.timing import positive_int
 from fercore.labels import CLASS_INDEX
 
@@ -55,7 +55,7 @@ BATCH_FILES = 16
 @dataclass(frozen=True)
 class Contender:
     name: str
-    command: tuple[str, ...]
+    app_args: tuple[str, ...]  # uvicorn's
     cwd: Path
     model: Path | None  # MODEL_URI; None: the server's own default
 
@@ -85,7 +85,7 @@ def measure(contender: Contender, images: list[BenchImage], args: argparse.Names
     env = {"PYTHONPATH": str(contender.cwd)}  # the checkout's packages, not the installed ones
     out: dict[str, Any] = {}
     for i in range(args.starts):
-        with run_server(contender.model, log_path, env, command=contender.command, cwd=contender.cwd) as server:
+        with run_server(contender.model, log_path, env, app_args=contender.app_args, cwd=contender.cwd) as server:
             ready.append(server.ready_s)
             if i < args.starts - 1:
                 continue
@@ -137,7 +137,7 @@ def publictest_uploads(data: Path) -> list[tuple[str, bytes, int]]:
 def http_accuracy(model: Path, uploads: list[tuple[str, bytes, int]], args: argparse.Namespace, log_path: Path) -> dict[str, Any]:
     """Accuracy of the service on ``model`` through ``POST /predict/batch?detect=false``."""
     batches = [uploads[i : i + BATCH_FILES] for i in range(0, len(uploads), BATCH_FILES)]
-    with run_server(model, log_path, {}, command=SERVICE_COMMAND) as server, httpx.Client(base_url=server.base_url) as client:
+    with run_server(model, log_path, {}) as server, httpx.Client(base_url=server.base_url) as client:
 
         def post(batch: list[tuple[str, bytes, int]]) -> list[str]:
             files = [("files", (name, io.BytesIO(data), "image/jpeg")) for name, data, _ in batch]
@@ -182,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         old = stack.enter_context(torch_checkout(args.torch_commit)) if "pytorch" in names else ROOT
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-serving-"))
         contenders = [
-            Contender("pytorch", ("-m", "uvicorn", "app.main:app"), old, None),
-            Contender("onnx", SERVICE_COMMAND, ROOT, None),
-            Contender("bare", ("-m", "uvicorn", "--factory", "bench.bare_app:create_app"), ROOT, None),
+            Contender("pytorch", ("app.main:app",), old, None),
+            Contender("onnx", SERVICE_ARGS, ROOT, None),
+            Contender("bare", ("--factory", "bench.bare_app:create_app"), ROOT, None),
         ]
         contenders = [c for c in contenders if c.name in names]
         log_path = Path(tmp) / "server.log"

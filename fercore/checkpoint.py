@@ -89,12 +89,6 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, with_training_state: boo
         torch.save(ckpt.to_dict(with_training_state), f)
 
 
-def checkpoint_bytes(ckpt: Checkpoint, with_training_state: bool = False) -> bytes:
-    buf = io.BytesIO()
-    torch.save(ckpt.to_dict(with_training_state), buf)
-    return buf.getvalue()
-
-
 def load_checkpoint(source: str | Path | bytes) -> Checkpoint:
     """Read and validate a checkpoint file (or its bytes) with ``weights_only=True``."""
     where = "checkpoint bytes" if isinstance(source, bytes) else str(source)

@@ -235,7 +235,8 @@ def fetch_to_cache(uri: str, timeout: float | None = None) -> Path:
     if blob is None:
         raise FileNotFoundError(f"{uri} does not exist")
     dest = cache_dir() / "gcs" / bucket / f"{blob.generation}" / Path(name).name
-    # A copy of the wrong size is one an older version of this function kept after a cut download.
+    # A cached copy of another size than the object is incomplete (a cut download): fetch it again.
+    # A gzip-encoded object's size is its compressed size, which says nothing about the copy.
     if not dest.exists() or (blob.size is not None and blob.content_encoding != "gzip" and dest.stat().st_size != blob.size):
         log.info("downloading %s (%d bytes) to %s", uri, blob.size or 0, dest)
         _download_blob(blob, uri, dest, None, timeout)

@@ -8,6 +8,10 @@
 # and the Cloud Run service name fer-api. This script substitutes them into copies (the files
 # stay as committed), then creates each policy, or updates the one with the same display name,
 # and the same for the dashboard. DRY_RUN=1 only writes the rendered files to OUT_DIR.
+#
+# Alert policies are on gcloud's alpha track only (`gcloud alpha monitoring policies`, checked
+# with gcloud 528); dashboards are GA (`gcloud monitoring dashboards`). tests/test_monitoring.py
+# checks every command line this script runs against the installed gcloud.
 set -euo pipefail
 
 : "${PROJECT_ID:?set PROJECT_ID to the Google Cloud project}"
@@ -43,12 +47,12 @@ for src in "$here"/alert-*.json; do
   render "$src" "$dest"
   [[ -n "${DRY_RUN:-}" ]] && continue
   name="$(display_name "$dest")"
-  existing="$(gcloud monitoring policies list --project="$PROJECT_ID" \
+  existing="$(gcloud alpha monitoring policies list --project="$PROJECT_ID" \
     --filter="displayName=\"$name\"" --format="value(name)" | head -n 1)"
   if [[ -n "$existing" ]]; then
-    gcloud monitoring policies update "$existing" --project="$PROJECT_ID" --policy-from-file="$dest"
+    gcloud alpha monitoring policies update "$existing" --project="$PROJECT_ID" --policy-from-file="$dest"
   else
-    gcloud monitoring policies create --project="$PROJECT_ID" --policy-from-file="$dest"
+    gcloud alpha monitoring policies create --project="$PROJECT_ID" --policy-from-file="$dest"
   fi
 done
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,36 +34,54 @@ def fer_zip(tmp_path: Path, splits: dict) -> Path:
 
 
 def free_port() -> int:
+    """A 127.0.0.1 port that was free a moment ago, for a server that binds its port itself.
+    Another process may take it before the server does: servers that can be handed a listening
+    socket get one instead (:func:`bench.service.start_uvicorn`), the others retry
+    (:func:`tests.utils.service.serve_process`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A 127.0.0.1 port that refuses every connection while the ``with`` block runs: bound here,
+    never listened on, so no other process can start listening on it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
+    """Whether ``proc`` listens on ``port`` within ``timeout``; False if it exited first (e.g.
+    another process took the port)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+                return True
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
 @pytest.fixture(scope="session")
 def gcs_emulator() -> Iterator[str]:
-    """A real gcp-storage-emulator process; the real google-cloud-storage client talks to it."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "-q"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """A real gcp-storage-emulator process; the real google-cloud-storage client talks to it. It
+    binds its port itself: if another process took that port first, it starts again on another."""
+    for _ in range(3):
+        port = free_port()
+        command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
+        proc = subprocess.Popen([*command, "--in-memory", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if wait_for_port(port, proc):
+                yield f"http://127.0.0.1:{port}"
+                return
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    raise RuntimeError("gcp-storage-emulator exited three times before listening")
 
 
 @pytest.fixture

@@ -78,6 +78,7 @@ def check_operation(operation: APIOperation, examples: int = EXAMPLES) -> None:
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", OPERATIONS)
 def test_api_conforms_to_its_schema(api_schema: schemathesis.BaseSchema, label: str) -> None:
     operation = api_schema.find_operation_by_label(label)

@@ -1,12 +1,12 @@
 """Delivery as code: the Dockerfiles, cloudbuild.yaml, deploy/ and the GitHub workflows.
 
-No image is built and nothing reaches Google Cloud here. What can be checked without them is:
-the linters (hadolint, actionlint, shellcheck: their binaries come with the dev extra), the
-structure of every file (step order, substitutions, tags, probes, roles), the set-up script run
-with ``--dry-run`` and against a fake ``gcloud``, the service image's entry point and smoke test
-run for real against ``python -m app.serve``, the Vertex AI job's arguments parsed by the
-training parser, and, where the Google Cloud CLI is installed, every gcloud command line parsed
-by gcloud itself (offline, without credentials).
+No image is built and nothing reaches Google Cloud here. What is checked: the linters (hadolint,
+actionlint, shellcheck: their binaries come with the dev extra), what the images do (locked
+dependencies before the source, a non-root user), that the locks are fresh, that the files agree
+with each other (substitutions, image tags, the Vertex job's arguments and the service's model
+prefix), the set-up script's least privilege and idempotence, the service image's entry point and
+smoke test run for real, and, where the Google Cloud CLI is installed, every gcloud command line
+parsed by gcloud itself (without credentials). The files' wording is not pinned.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,14 +30,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import free_port
-from tests.utils.service import SETTINGS_ENV, write_model
+from tests.conftest import refused_port
+from tests.utils.gcloud import real_gcloud, usage_errors
+from tests.utils.service import SETTINGS_ENV, clean_service_env, serve_process, write_model
 from training.config import resolve_config
 from training.train import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = ("api.Dockerfile", "train.Dockerfile")
 SETUP = ROOT / "deploy" / "setup-gcp.sh"
+DEPLOY_GUIDE = ROOT / "docs" / "deploy.md"
 
 # Cloud Build's built-in substitutions (https://cloud.google.com/build/docs/configuring-builds/substitute-variable-values).
 CLOUD_BUILD_BUILTINS = {
@@ -127,49 +127,34 @@ def test_hadolint_config_fails_a_bad_dockerfile(tmp_path: Path) -> None:
         assert rule in result.stdout, result.stdout
 
 
-def test_api_image_has_no_torch_runs_non_root_and_installs_dependencies_before_the_source() -> None:
-    steps = dockerfile_instructions("api.Dockerfile")
-    base = steps[0]
-    assert base[0] == "FROM" and re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", base[1]), base
-    runs = [arg for kind, arg in steps if kind == "RUN"]
-    # Everything from the lock, which has no PyTorch (the service runs ONNX Runtime).
-    locked = "pip install --no-cache-dir --require-hashes -r requirements/api.txt"
-    assert any(locked in run and "pip check" in run for run in runs)
-    assert not any("torch" in arg for _, arg in steps)
-    assert not re.search(r"^torch", (ROOT / "requirements" / "api.txt").read_text(), re.MULTILINE)
-    # The project itself is never installed (it runs from /srv), with or without extras.
-    assert not any(re.search(r"pip install[^&]* \.(\[|\s|$)", run) for run in runs)
-
-    kinds = [kind for kind, _ in steps]
-    copies = [arg for kind, arg in steps if kind == "COPY"]
-    source_copy = next(i for i, (kind, arg) in enumerate(steps) if kind == "COPY" and not arg.startswith("requirements/"))
-    last_pip = max(i for i, (kind, arg) in enumerate(steps) if kind == "RUN" and "pip install" in arg)
-    assert last_pip < source_copy, "dependencies must be installed before the source is copied"
-    assert {"fercore ./fercore", "app ./app"} <= set(copies)
-    assert "models/fer-compact.int8.onnx" in next(c for c in copies if c.startswith("models/")), "the bundled model"
-
-    user = [arg for kind, arg in steps if kind == "USER"]
-    assert user and user[-1].split(":")[0] not in ("0", "root")
-    assert kinds.index("USER") > source_copy
-    entrypoint = [arg for kind, arg in steps if kind == "ENTRYPOINT"]
-    assert entrypoint and json.loads(entrypoint[-1]) == ["python", "-m", "app.serve"]
-    assert any(kind == "ENV" and "PORT=8080" in arg for kind, arg in steps)
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_image_installs_locked_dependencies_before_the_source_and_runs_non_root(name: str) -> None:
+    steps = dockerfile_instructions(name)
+    installs = [i for i, (kind, arg) in enumerate(steps) if kind == "RUN" and "pip install" in arg]
+    copies = [i for i, (kind, _) in enumerate(steps) if kind == "COPY"]
+    source = [i for i in copies if not steps[i][1].startswith("requirements/")]
+    # Layer caching: a change to the source rebuilds no dependency layer.
+    assert installs and source and max(installs) < min(source), "dependencies must be installed before the source is copied"
+    for i in installs:  # from the locks only, hashed
+        run = steps[i][1]
+        assert "-r requirements/" in run and "--require-hashes" in run, run
+    users = [i for i, (kind, _) in enumerate(steps) if kind == "USER"]
+    assert users and max(users) > max(copies), "the process runs as the last USER, after every COPY"
+    assert steps[max(users)][1].split(":")[0] not in ("0", "root")
+    # Exec form: the signal Cloud Run sends (SIGTERM) reaches Python, not a shell.
+    (entrypoint,) = [arg for kind, arg in steps if kind == "ENTRYPOINT"]
+    assert json.loads(entrypoint)[:2] == ["python", "-m"]
 
 
-def test_train_image_is_cuda_pytorch_with_train_extras() -> None:
-    steps = dockerfile_instructions("train.Dockerfile")
-    assert steps[0][0] == "FROM"
-    base = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda\d+\.\d+-cudnn\d+-runtime", steps[0][1])
-    assert base, steps[0]
-    assert base.group(1) == torch_pins()["torch"], "the base image's PyTorch is requirements/torch.txt's"
-    runs = [arg for kind, arg in steps if kind == "RUN"]
-    assert any("pip install --no-cache-dir --require-hashes -r requirements/train.txt" in run for run in runs)
-    kinds = [kind for kind, _ in steps]
-    last_pip = max(i for i, (kind, arg) in enumerate(steps) if kind == "RUN" and "pip install" in arg)
-    assert last_pip < next(i for i, (kind, arg) in enumerate(steps) if arg == "training ./training")
-    assert [arg for kind, arg in steps if kind == "USER"][-1].split(":")[0] not in ("0", "root")
-    assert json.loads([arg for kind, arg in steps if kind == "ENTRYPOINT"][-1]) == ["python", "-m", "training.train"]
-    assert "COPY" in kinds
+def test_api_image_has_no_pytorch() -> None:
+    """The service runs ONNX Runtime: neither its Dockerfile nor its lock brings PyTorch."""
+    assert not any("torch" in arg for _, arg in dockerfile_instructions("api.Dockerfile"))
+    assert not re.search(r"^(torch|torchvision|onnx)==", (ROOT / "requirements" / "api.txt").read_text(), re.MULTILINE)
+
+
+def test_train_image_has_the_pinned_pytorch() -> None:
+    base = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-\S+", dockerfile_instructions("train.Dockerfile")[0][1])
+    assert base and base.group(1) == torch_pins()["torch"], "the base image's PyTorch is requirements/torch.txt's"
 
 
 def test_dockerignore_admits_exactly_what_the_dockerfiles_copy() -> None:
@@ -298,17 +283,6 @@ def test_locks_agree_and_torch_is_pinned_once() -> None:
     assert not [path.name for path in delivery if re.search(r"torch(vision)?==", path.read_text())], "pinned only in torch.txt"
 
 
-def test_installs_use_the_locks() -> None:
-    recipe = (ROOT / "Makefile").read_text()
-    assert "$(BIN)/pip install --require-hashes -r requirements/$(1).txt" in recipe
-    assert "$(BIN)/pip install -r requirements/torch.txt" in recipe and "$(BIN)/pip check" in recipe
-    assert "$(call install-locked,dev)" in recipe and "$(call install-locked,api)" in recipe
-    assert re.search(r"^lock: .*\n(\t.*\n)*\t.*scripts/lock\.sh", recipe, re.MULTILINE)
-    cloudbuild = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
-    test_step = " ".join(next(step for step in cloudbuild["steps"] if step["id"] == "test")["args"])
-    assert "--index-url ${_TORCH_INDEX_URL} -r requirements/torch.txt" in test_step and "make test" in test_step
-
-
 FAKE_UV = """#!/bin/bash
 # Records each call (UV_CONSTRAINT|arguments); writes a resolution with the PyTorch stack to -o.
 printf '%s|%s\\n' "${UV_CONSTRAINT:-}" "$*" >> "$FAKE_LOG"
@@ -358,30 +332,18 @@ def test_lock_script_resolves_once_and_leaves_out_the_pytorch_stack(tmp_path: Pa
 
 def service_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV and not k.startswith("OTEL_") and k != "PORT"}
-    env.update(TORCH_THREADS="1", MAX_CONCURRENT_INFERENCES="1", **extra)
+    env.update(INFERENCE_THREADS="1", MAX_CONCURRENT_INFERENCES="1", **extra)
     return env
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """``python -m app.serve`` (the service image's ENTRYPOINT) on $PORT with a tiny model."""
-    model = write_model(tmp_path / "model.pt", run_id="smoke-run")
-    port = free_port()
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """``python -m app.serve`` (the service image's ENTRYPOINT) on $PORT with a tiny model, ready."""
+    clean_service_env(monkeypatch)
+    model = write_model(tmp_path / "model.onnx", run_id="smoke-run")
     log = tmp_path / "serve.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.serve"],
-            cwd=ROOT,
-            env=service_env(PORT=str(port), MODEL_URI=str(model)),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield f"http://127.0.0.1:{port}", proc, log
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with serve_process(log, MODEL_URI=str(model), MAX_CONCURRENT_INFERENCES="1") as (url, proc):
+        yield url, proc, log
 
 
 @pytest.mark.slow
@@ -426,8 +388,8 @@ def test_serve_passes_port_and_proxy_settings_to_uvicorn(monkeypatch: pytest.Mon
 
 def test_smoke_test_fails_clearly_when_nothing_answers() -> None:
     smoke = load_module("deploy/smoke_test.py")
-    with pytest.raises(smoke.SmokeError, match=r"GET /readyz: not ready after 0 s"):
-        smoke.smoke(f"http://127.0.0.1:{free_port()}", timeout=0.1)
+    with refused_port() as port, pytest.raises(smoke.SmokeError, match=r"GET /readyz: not ready after 0 s"):
+        smoke.smoke(f"http://127.0.0.1:{port}", timeout=0.1)
     image = Image.open(io.BytesIO(smoke.png_gray()))
     assert image.size == (48, 48) and image.mode == "L"
     with pytest.raises(smoke.SmokeError, match="expected one face"):
@@ -456,17 +418,12 @@ def step_text(step: dict[str, Any]) -> str:
     return " ".join(str(a) for a in [step.get("entrypoint", ""), *step.get("args", [])])
 
 
-def test_cloudbuild_steps_run_test_build_push_deploy_smoke_in_order(cloudbuild: dict[str, Any]) -> None:
+def test_cloudbuild_tests_before_it_pushes_or_deploys(cloudbuild: dict[str, Any]) -> None:
     steps = cloudbuild["steps"]
-    ids = [step["id"] for step in steps]
-    assert ids == ["test", "build-api", "build-train", "push-api", "push-train", "deploy", "smoke"]
     assert not any("waitFor" in step for step in steps), "each step waits for all before it"
-    assert "make test" in step_text(steps[0])
-    assert steps[1]["args"][0] == "build" and "--file=api.Dockerfile" in steps[1]["args"]
-    assert steps[2]["args"][0] == "build" and "--file=train.Dockerfile" in steps[2]["args"]
-    assert [step["args"][0] for step in steps[3:5]] == ["push", "push"]
-    assert steps[5]["args"][:2] == ["run", "deploy"]
-    assert "deploy/smoke_test.py" in step_text(steps[6]) and "gcloud run services describe" in step_text(steps[6])
+    assert steps[0]["id"] == "test"
+    # CI=true turns the browser test's skip (no Chromium) into a failure: it runs here too.
+    assert "CI=true" in steps[0].get("env", [])
 
 
 def test_cloudbuild_substitutions_are_all_declared(cloudbuild: dict[str, Any]) -> None:
@@ -483,29 +440,13 @@ def test_cloudbuild_substitutions_are_all_declared(cloudbuild: dict[str, Any]) -
         assert not re.search(r"secret|token|password|key", name, re.IGNORECASE), name
 
 
-def test_cloudbuild_images_are_tagged_with_the_commit(cloudbuild: dict[str, Any]) -> None:
+def test_cloudbuild_deploys_the_image_it_built_and_pushed(cloudbuild: dict[str, Any]) -> None:
     steps = {step["id"]: step for step in cloudbuild["steps"]}
-    image = "${_REGION}-docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}/%s:${COMMIT_SHA}"
-    api, train = image % "api", image % "train"
-    assert f"--tag={api}" in steps["build-api"]["args"]
-    assert f"--tag={train}" in steps["build-train"]["args"]
-    assert steps["push-api"]["args"] == ["push", api]
-    assert steps["push-train"]["args"] == ["push", train]
-    assert f"--image={api}" in steps["deploy"]["args"]
-    assert cloudbuild["images"] == [api, train]
-
-
-def test_cloudbuild_deploys_with_the_service_settings(cloudbuild: dict[str, Any]) -> None:
-    deploy = {step["id"]: step for step in cloudbuild["steps"]}["deploy"]
-    flags = dict(arg.split("=", 1) for arg in deploy["args"][3:] if "=" in arg)
-    for flag in ("--region", "--cpu", "--memory", "--concurrency", "--min-instances", "--max-instances", "--service-account"):
-        assert flag in flags, flag
-    assert "httpGet.path=/readyz" in flags["--startup-probe"]
-    assert "httpGet.path=/healthz" in flags["--liveness-probe"]
-    env = dict(pair.split("=", 1) for pair in flags["--update-env-vars"].split(","))
-    assert env["MODEL_URI"] == "gs://${_BUCKET}/models"
-    assert env["OTEL_TRACES_EXPORTER"] == "gcp_trace"
-    assert cloudbuild["options"]["logging"] == "CLOUD_LOGGING_ONLY"  # needed with a user-managed build account
+    (built,) = [arg.removeprefix("--tag=") for arg in steps["build-api"]["args"] if arg.startswith("--tag=")]
+    assert "${COMMIT_SHA}" in built
+    assert steps["push-api"]["args"] == ["push", built]
+    assert f"--image={built}" in steps["deploy"]["args"]
+    assert built in cloudbuild["images"]
 
 
 # ---------------------------------------------------------------------------- deploy/setup-gcp.sh
@@ -539,59 +480,29 @@ def find(commands: list[list[str]], *words: str) -> list[list[str]]:
     return [cmd for cmd in commands if all(word in cmd for word in words)]
 
 
-def test_setup_dry_run_prints_every_command_without_gcloud(tmp_path: Path) -> None:
+def test_setup_dry_run_grants_least_privilege_and_creates_every_policy(tmp_path: Path) -> None:
     result = run_setup(*SETUP_ARGS, "--dry-run", path=bare_path(tmp_path))
     assert result.returncode == 0, result.stderr
     commands = printed_commands(result.stdout)
     assert commands and all(cmd[0] == "gcloud" for cmd in commands)
-    assert all("--project=demo-proj" in cmd or cmd[1:3] == ["projects", "add-iam-policy-binding"] for cmd in commands)
-
-    (enable,) = find(commands, "services", "enable")
-    for api in ("run", "artifactregistry", "cloudbuild", "storage", "monitoring", "logging", "cloudtrace", "aiplatform"):
-        assert f"{api}.googleapis.com" in enable
-
-    assert find(commands, "artifacts", "repositories", "create", "fer", "--repository-format=docker")
-    assert find(commands, "storage", "buckets", "create", "gs://demo-proj-fer")
-    created = {cmd[4] for cmd in find(commands, "iam", "service-accounts", "create")}
-    assert created == {"fer-runtime", "fer-build", "fer-train"}
 
     def granted(member: str, role: str) -> list[list[str]]:
         return find(commands, f"--member=serviceAccount:{member}@demo-proj.iam.gserviceaccount.com", f"--role={role}")
 
-    bucket_viewer = granted("fer-runtime", "roles/storage.objectViewer")
-    assert bucket_viewer and bucket_viewer[0][1:4] == ["storage", "buckets", "add-iam-policy-binding"]
-    for role in ("roles/logging.logWriter", "roles/cloudtrace.agent", "roles/monitoring.metricWriter"):
-        assert granted("fer-runtime", role), role
-    train_admin = granted("fer-train", "roles/storage.objectAdmin")
-    assert train_admin and "gs://demo-proj-fer" in train_admin[0], "training may write the bucket only"
-    assert granted("fer-build", "roles/artifactregistry.writer")[0][1:3] == ["artifacts", "repositories"]
-    assert granted("fer-build", "roles/run.admin")
-    assert granted("fer-build", "roles/iam.serviceAccountUser")[0][4] == "fer-runtime@demo-proj.iam.gserviceaccount.com"
-    # Least privilege: nobody gets a primitive role, and the runtime cannot write the bucket.
     assert not [cmd for cmd in commands if any(arg in cmd for arg in ("--role=roles/owner", "--role=roles/editor"))]
-    assert not granted("fer-runtime", "roles/storage.objectAdmin")
+    assert granted("fer-runtime", "roles/storage.objectViewer")
+    assert not granted("fer-runtime", "roles/storage.objectAdmin"), "the service only reads the bucket"
 
     (trigger,) = find(commands, "builds", "triggers", "create", "github")
-    assert {"--repo-owner=acme", "--repo-name=fer", "--branch-pattern=^main$", "--build-config=cloudbuild.yaml"} <= set(trigger)
-    assert "--service-account=projects/demo-proj/serviceAccounts/fer-build@demo-proj.iam.gserviceaccount.com" in trigger
     substitutions = next(arg for arg in trigger if arg.startswith("--substitutions=")).split("=", 1)[1]
     passed = dict(pair.split("=", 1) for pair in substitutions.split(","))
     declared = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())["substitutions"]
-    assert set(passed) <= set(declared) and passed["_BUCKET"] == "demo-proj-fer"
+    assert set(passed) <= set(declared), "Cloud Build refuses a substitution its file does not declare"
 
     policies = sorted(p.name for p in (ROOT / "monitoring").glob("alert-*.json"))
-    created_policies = find(commands, "alpha", "monitoring", "policies", "create")
-    files = [arg.split("=", 1)[1] for cmd in created_policies for arg in cmd if arg.startswith("--policy-from-file=")]
+    created = find(commands, "alpha", "monitoring", "policies", "create")
+    files = [arg.split("=", 1)[1] for cmd in created for arg in cmd if arg.startswith("--policy-from-file=")]
     assert sorted(Path(file).name for file in files) == policies
-    assert all("--notification-channels=projects/demo-proj/notificationChannels/CHANNEL_ID" in cmd for cmd in created_policies)
-    assert find(commands, "beta", "monitoring", "channels", "create", "--channel-labels=email_address=ops@example.com")
-
-    # Every create is preceded by a check of existence (idempotence), printed on stderr.
-    checks = printed_commands(result.stderr, "?")
-    assert find(checks, "artifacts", "repositories", "describe") and find(checks, "storage", "buckets", "describe")
-    assert len(find(checks, "iam", "service-accounts", "describe")) == 3
-    assert find(checks, "builds", "triggers", "describe", "fer-main")
-    assert len(find(checks, "alpha", "monitoring", "policies", "list")) == len(policies)
 
 
 def test_setup_without_gcloud_fails_with_a_clear_message(tmp_path: Path) -> None:
@@ -696,13 +607,11 @@ def test_vertex_job_arguments_are_accepted_by_the_training_parser(vertex: dict[s
     assert model_uri and args.output == model_uri.group(1).replace("${_BUCKET}", "${BUCKET}")
 
 
-def test_readme_fills_in_every_placeholder_of_the_vertex_job() -> None:
+def test_deploy_guide_fills_in_every_placeholder_of_the_vertex_job() -> None:
     placeholders = set(re.findall(r"\$\{([A-Z_]+)\}", (ROOT / "deploy" / "vertex-train.yaml").read_text()))
-    readme = (ROOT / "README.md").read_text()
-    listed = re.search(r"envsubst '([^']+)' < deploy/vertex-train\.yaml", readme)
-    assert listed, "README: the envsubst line that fills in deploy/vertex-train.yaml"
+    listed = re.search(r"envsubst '([^']+)' < deploy/vertex-train\.yaml", DEPLOY_GUIDE.read_text())
+    assert listed, f"{DEPLOY_GUIDE.name}: the envsubst line that fills in deploy/vertex-train.yaml"
     assert {name.lstrip("$") for name in listed.group(1).split()} == placeholders
-    assert re.search(r"gcloud ai custom-jobs create --project=\S+ --region=\S+ --display-name=\S+ --config=", readme)
 
 
 # ---------------------------------------------------------------------------- GitHub workflows
@@ -736,39 +645,10 @@ def workflow(name: str) -> dict[Any, Any]:
     return yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())
 
 
-def test_ci_runs_make_test_and_uploads_coverage() -> None:
-    steps = workflow("ci.yml")["jobs"]["test"]["steps"]
-    assert any(step.get("run") == "make test" for step in steps)
-    upload = next(step for step in steps if str(step.get("uses", "")).startswith("actions/upload-artifact@"))
-    assert upload["with"]["path"] == "coverage.xml"
-    recipe = (ROOT / "Makefile").read_text()
-    assert "--cov-report=xml" in recipe and "--cov-fail-under=" in recipe
-
-
-def test_lint_and_image_workflows() -> None:
-    lint = json.dumps(workflow("lint.yml"))
-    for command in ("hadolint --config .hadolint.yaml api.Dockerfile train.Dockerfile", "actionlint", "shellcheck deploy/*.sh"):
-        assert command in lint
-    images = workflow("images.yml")
-    assert "pull_request" in images[True]  # PyYAML reads the key `on` as True
-    job = images["jobs"]["build"]
-    assert job["strategy"]["matrix"]["image"] == ["api", "train"]
-    build = next(step for step in job["steps"] if str(step.get("uses", "")).startswith("docker/build-push-action@"))
-    assert build["with"]["push"] is False and build["with"]["file"] == "${{ matrix.image }}.Dockerfile"
-    assert "requirements/**" in images[True]["pull_request"]["paths"], "a new lock rebuilds the images"
-    smoke = next(step for step in job["steps"] if "deploy/smoke_test.py" in str(step.get("run", "")))
-    assert smoke["if"] == "matrix.image == 'api'" and build["with"]["load"] == "${{ matrix.image == 'api' }}"
-
-
-def test_audit_workflow_runs_pip_audit_on_every_lock() -> None:
-    audit = workflow("audit.yml")
-    assert {"pull_request", "push", "schedule"} <= set(audit[True])
-    runs = [str(step.get("run", "")) for step in audit["jobs"]["pip-audit"]["steps"]]
-    audits = [run for run in runs if run.startswith("pip-audit ")]
-    assert audits and all("--strict" in run and "--disable-pip" in run for run in audits)
-    audited = {path for run in audits for path in re.findall(r"-r (requirements/\S+\.txt)", run)}
-    assert audited == {f"requirements/{name}.txt" for name in (*LOCKS, "torch")}
-    assert any("pip-audit==" in run for run in runs), "a pinned pip-audit"
+def test_audit_workflow_audits_every_lock() -> None:
+    runs = [str(step.get("run", "")) for step in workflow("audit.yml")["jobs"]["pip-audit"]["steps"]]
+    audited = {path for run in runs if run.startswith("pip-audit ") for path in re.findall(r"-r (requirements/\S+\.txt)", run)}
+    assert audited == {str(path.relative_to(ROOT)) for path in (ROOT / "requirements").glob("*.txt")}
 
 
 # ---------------------------------------------------------------------------- gcloud's own parser
@@ -776,7 +656,7 @@ def test_audit_workflow_runs_pip_audit_on_every_lock() -> None:
 
 def gcloud_commands(tmp_path: Path) -> list[list[str]]:
     """Every gcloud command line of the delivery: the set-up script's, cloudbuild.yaml's deploy
-    and smoke steps (substitutions filled in) and the README's Vertex AI submission."""
+    and smoke steps (substitutions filled in) and the deploy guide's Vertex AI submission."""
     result = run_setup(*SETUP_ARGS, "--dry-run", path=bare_path(tmp_path))
     commands = printed_commands(result.stdout) + printed_commands(result.stderr, "?")
     cloudbuild = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
@@ -791,8 +671,7 @@ def gcloud_commands(tmp_path: Path) -> list[list[str]]:
     describe = re.search(r"gcloud run services describe .*?--format='[^']*'", fill(" ".join(smoke["args"])))
     assert describe
     commands.append([*shlex.split(describe.group(0)), "--project=demo-proj"])
-    readme = (ROOT / "README.md").read_text()
-    submit = re.search(r"gcloud ai custom-jobs create [^\n`]*", readme)
+    submit = re.search(r"gcloud ai custom-jobs create [^\n`]*", DEPLOY_GUIDE.read_text())
     assert submit
     values = {"PROJECT_ID": "demo-proj", "REGION": "europe-west1", "IMAGE_TAG": "0" * 40}
     line = re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: values[m.group(1)], submit.group(0))
@@ -801,37 +680,14 @@ def gcloud_commands(tmp_path: Path) -> list[list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(real_gcloud() is None, reason="needs the Google Cloud CLI (Debian: google-cloud-cli)")
 def test_gcloud_accepts_every_command_line(tmp_path: Path) -> None:
-    """Offline and without credentials gcloud still parses a command's flags, and stops at
-    "no active account" only once they are valid; a typo in a flag or command stops earlier."""
-    gcloud = shutil.which("gcloud")
-    if gcloud is None:
-        pytest.skip("the Google Cloud CLI (gcloud) is not installed")
-    config = tmp_path / "gcloud-config"
-    config.mkdir()
-    env = {
-        **os.environ,
-        "CLOUDSDK_CONFIG": str(config),
-        "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
-        "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
-        "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
-    }
+    """Every gcloud command line of the delivery parses in the installed gcloud (tests/utils/gcloud.py)."""
+    gcloud = real_gcloud()
+    assert gcloud is not None
     commands = gcloud_commands(tmp_path)
-    has_alpha = subprocess.run([gcloud, "alpha", "--help"], env=env, capture_output=True, timeout=60).returncode == 0
-    if not has_alpha:
-        commands = [cmd for cmd in commands if cmd[1] not in ("alpha", "beta")]
-
-    def attempt(cmd: list[str]) -> tuple[list[str], int, str]:
-        started = time.monotonic()
-        proc = subprocess.run([gcloud, *cmd[1:]], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        assert time.monotonic() - started < 120
-        return cmd, proc.returncode, proc.stderr
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(attempt, commands))
-    assert len(results) >= 30
-    for cmd, code, stderr in results:
-        assert code != 2 and "active account" in stderr, f"{shlex.join(cmd)}\n-> exit {code}: {stderr[-600:]}"
+    assert len(commands) >= 30
+    assert usage_errors(gcloud, [cmd[1:] for cmd in commands]) == []
 
 
 def test_build_parser_requires_data() -> None:

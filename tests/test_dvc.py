@@ -61,6 +61,7 @@ def test_data_cli_prints_and_writes_the_summary(tmp_path: Path, capsys: pytest.C
     assert summary["skipped"] == {}
 
 
+@pytest.mark.slow
 def test_evaluate_takes_a_training_output_folder(tmp_path: Path) -> None:
     source = synthetic.write_zip(tmp_path / "fer.zip", synthetic.default_splits(per_class=6))
     out = tmp_path / "runs"
@@ -148,6 +149,7 @@ def make_repo(tmp_path: Path, with_code: bool = False) -> Path:
     return repo
 
 
+@pytest.mark.slow
 @needs_dvc
 def test_committed_files_parse_and_name_the_gcs_remote(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
@@ -158,6 +160,7 @@ def test_committed_files_parse_and_name_the_gcs_remote(tmp_path: Path) -> None:
     assert status == {"data/fer2013.zip.dvc": [{"changed outs": {"data/fer2013.zip": "not in cache"}}]}
 
 
+@pytest.mark.slow
 @needs_dvc
 def test_push_then_pull_on_a_fresh_checkout_restores_the_data(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)

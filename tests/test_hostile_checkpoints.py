@@ -23,9 +23,10 @@ import pytest
 import torch
 from onnx.external_data_helper import convert_model_to_external_data
 
-from fercore.checkpoint import CheckpointError, build_model, checkpoint_bytes, load_checkpoint, make_checkpoint
+from fercore.checkpoint import CheckpointError, build_model, load_checkpoint, make_checkpoint
 from fercore.models import ModelConfig, create_model
 from fercore.storage import LATEST, publish_run, sha256_file
+from tests.utils.checkpoints import checkpoint_bytes
 from tests.utils.service import clean_service_env, gray_png, post_image, running_app, write_mismatched_model, write_model
 
 TOKEN = "hostile-ckpt-admin-token-0123456789"

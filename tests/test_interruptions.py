@@ -1,9 +1,10 @@
 """Work killed part-way with SIGKILL (no handler runs, nothing is cleaned up), then picked up again.
 
-* Training: ``python -m training.train`` as a real process on tiny synthetic data, killed while
-  its second epoch runs, then resumed with ``--resume``: the finished run equals an
-  uninterrupted run with the same seed, metrics and weights, bit for bit.
-  (``tests/test_train.py`` has the in-process version, interrupted by an exception.)
+* Training: ``python -m training.train`` as a real process on tiny synthetic data, killed three
+  steps into its second epoch (:mod:`tests.utils.stalling_train` stops it there), then resumed
+  with ``--resume``: the finished run equals an uninterrupted run with the same seed, metrics and
+  weights, bit for bit. (``tests/test_train.py`` has the in-process version, interrupted by an
+  exception.)
 * Publishing: a process publishing run after run (:mod:`tests.utils.publisher`) is killed at
   random moments, and at the worst ones (the model uploaded, ``latest.json`` not yet written;
   the new ``latest.json`` written to a temp file, not yet renamed), to a local folder and to
@@ -40,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Only catches a hang: these processes take seconds.
 HANG_S = 300.0
 # Small batches, so an epoch has dozens of steps and lasts long enough to be killed inside.
+BATCH = 4
 TINY = [
-    "--model", "compact", "--model-kwargs", '{"width": 4}', "--batch-size", "4", "--lr", "0.05",
+    "--model", "compact", "--model-kwargs", '{"width": 4}', "--batch-size", str(BATCH), "--lr", "0.05",
     "--precision", "fp32", "--warmup-epochs", "0", "--eval-batch-size", "64", "--num-threads", "1",
     "--mixup-alpha", "0.2", "--mix-prob", "0.5",
 ]  # fmt: skip
@@ -145,14 +147,14 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path: Path) ->
     reference = only_run(tmp_path / "reference")
 
     out = tmp_path / "killed"
-    with child("-m", "training.train", *args, "--output", str(out)) as (proc, output):
-        output.wait_for(r"epoch 1/3 +train loss")  # logged once epoch 1's last.pt is saved
-        output.wait_for(r"epoch 2/3:")  # epoch 2's progress bar: its steps are running
-        time.sleep(0.05)  # a few steps in: an epoch is 70 steps of 4 images, most of a second
+    steps_per_epoch = len(synthetic.default_splits(per_class=40)["train"][1]) // BATCH  # the ragged batch is dropped
+    stall = ["-m", "tests.utils.stalling_train", "--stall-after-step", str(steps_per_epoch + 3), "--"]
+    with child(*stall, *args, "--output", str(out)) as (proc, output):
+        output.wait_for(r"stalled after step")  # three steps into epoch 2, epoch 1's last.pt saved
         sigkill(proc)
     run = only_run(out)
     state = load_checkpoint(run / "last.pt").training_state
-    assert state is not None and state["run"]["epoch"] == 1, "killed too late: epoch 2 had finished"
+    assert state is not None and state["run"]["epoch"] == 1
     assert not (run / "model.pt").exists() and not (out / storage.LATEST).exists()  # nothing published
 
     with child("-m", "training.train", "--resume", str(run), "--data", str(data)) as (proc, output):

@@ -30,7 +30,10 @@ def test_registry_lists_every_architecture() -> None:
     assert set(list_models()) == set(EXPECTED_PARAMS)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+# The torchvision backbones take seconds each on a CPU: slow tests.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("tv_") else n for n in sorted(EXPECTED_PARAMS)]
+)
 def test_forward_shape_and_size(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name).eval()

@@ -2,7 +2,7 @@
 
 Each file is parsed strictly (unknown fields, wrong types and unknown enum values raise) into
 ``google.cloud.monitoring_v3.AlertPolicy`` or ``google.cloud.monitoring_dashboard_v1.Dashboard``,
-the messages ``gcloud monitoring policies create --policy-from-file`` and ``gcloud monitoring
+the messages ``gcloud alpha monitoring policies create --policy-from-file`` and ``gcloud monitoring
 dashboards create --config-from-file`` send. Thresholds and filters are checked against what
 monitoring/README.md promises, and every ``fer_*`` metric the dashboard queries against the
 metrics app/metrics.py really exports.
@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from google.cloud import monitoring_dashboard_v1, monitoring_v3
 from google.protobuf import json_format
 
 from app.metrics import Metrics
+from tests.utils.gcloud import real_gcloud, usage_errors
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
 SERVICE = "fer-api"  # the placeholder service name in every file
@@ -325,64 +327,69 @@ def run_apply(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def fake_gcloud(tmp_path: Path) -> Path:
-    """A ``gcloud`` on PATH that logs its arguments; ``list`` answers $FAKE_EXISTING."""
+def recording_gcloud(tmp_path: Path) -> Path:
+    """A ``gcloud`` on PATH that appends its argv (JSON, one line per call) to $FAKE_LOG and answers
+    every ``list`` with $FAKE_EXISTING: what the script does, without a Google Cloud project.
+    Whether the real gcloud accepts those command lines is :func:`test_apply_commands_parse_in_the_real_gcloud`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "gcloud"
     script.write_text(
-        '#!/usr/bin/env bash\necho "$*" >> "$FAKE_LOG"\nif [[ "$3" == list ]]; then echo -n "${FAKE_EXISTING:-}"; fi\n'
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "with open(os.environ['FAKE_LOG'], 'a') as log:\n"
+        "    log.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "if 'list' in sys.argv:\n"
+        "    print(os.environ.get('FAKE_EXISTING', ''), end='')\n"
     )
     script.chmod(0o755)
     return bin_dir
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("python3") is None, reason="needs bash and python3")
-def test_apply_renders_the_placeholders(tmp_path: Path) -> None:
-    result = run_apply(tmp_path, DRY_RUN="1", PROJECT_ID="my-proj", CHANNEL_ID="123", SERVICE="fer-staging")
-    assert result.returncode == 0, result.stderr
-    for path in POLICY_FILES:
-        text = (tmp_path / "out" / path.name).read_text()
-        assert SERVICE not in text and "PROJECT_ID" not in text and "fer-staging" in text
-        policy = monitoring_v3.AlertPolicy.from_json(text)
-        assert list(policy.notification_channels) == ["projects/my-proj/notificationChannels/123"]
-    dashboard = (tmp_path / "out" / "dashboard.json").read_text()
-    assert SERVICE not in dashboard and 'namespace=\\"fer-staging\\"' in dashboard
-    load_dashboard(dashboard)
-    assert CHANNEL_PLACEHOLDER in (MONITORING / "alert-cpu.json").read_text()  # the sources stay as committed
-
-    # No CHANNEL_ID: policies without notifications, still valid.
-    result = run_apply(tmp_path, DRY_RUN="1", PROJECT_ID="my-proj")
-    assert result.returncode == 0, result.stderr
-    for path in POLICY_FILES:
-        policy = monitoring_v3.AlertPolicy.from_json((tmp_path / "out" / path.name).read_text())
-        assert list(policy.notification_channels) == []
-        assert policy.user_labels["service"] == SERVICE
-
-
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("python3") is None, reason="needs bash and python3")
-def test_apply_creates_then_updates(tmp_path: Path, fake_gcloud: Path) -> None:
+def apply_with(tmp_path: Path, recording_gcloud: Path, existing: str = "") -> list[list[str]]:
+    """Runs apply.sh with :func:`recording_gcloud`; the gcloud command lines it ran."""
     log = tmp_path / "gcloud.log"
-    env = {"PATH": f"{fake_gcloud}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log), "PROJECT_ID": "p", "CHANNEL_ID": "9"}
-    assert run_apply(tmp_path, **env).returncode == 0
-    calls = log.read_text().splitlines()
-    creates = [c for c in calls if " create " in c]
-    out = tmp_path / "out"
-    assert creates == [
-        *(f"monitoring policies create --project=p --policy-from-file={out / p.name}" for p in POLICY_FILES),
-        f"monitoring dashboards create --project=p --config-from-file={out / 'dashboard.json'}",
-    ]
-    assert (
-        'monitoring policies list --project=p --filter=displayName="fer-api: CPU utilisation above 80%" --format=value(name)'
-        in calls
-    )
+    log.unlink(missing_ok=True)
+    env = {"PATH": f"{recording_gcloud}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log), "FAKE_EXISTING": existing}
+    result = run_apply(tmp_path, **env, PROJECT_ID="p", CHANNEL_ID="9")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
 
-    log.unlink()
-    assert run_apply(tmp_path, **env, FAKE_EXISTING="projects/p/alertPolicies/42").returncode == 0
-    calls = log.read_text().splitlines()
-    assert not [c for c in calls if " create " in c]
-    assert sum(c.startswith("monitoring policies update projects/p/alertPolicies/42 ") for c in calls) == 3
-    assert sum(c.startswith("monitoring dashboards update ") for c in calls) == 1
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("python3") is None, reason="needs bash and python3")
+def test_apply_creates_then_updates(tmp_path: Path, recording_gcloud: Path) -> None:
+    out = tmp_path / "out"
+    calls = apply_with(tmp_path, recording_gcloud)
+    create_policy = ["alpha", "monitoring", "policies", "create", "--project=p"]
+    assert [c for c in calls if "create" in c] == [
+        *([*create_policy, f"--policy-from-file={out / f.name}"] for f in POLICY_FILES),
+        ["monitoring", "dashboards", "create", "--project=p", f"--config-from-file={out / 'dashboard.json'}"],
+    ]
+    list_cpu = ["alpha", "monitoring", "policies", "list", "--project=p"]
+    list_cpu += ['--filter=displayName="fer-api: CPU utilisation above 80%"', "--format=value(name)"]
+    assert list_cpu in calls
+
+    calls = apply_with(tmp_path, recording_gcloud, existing="projects/p/alertPolicies/42")
+    assert not [c for c in calls if "create" in c]
+    assert sum(c[:5] == ["alpha", "monitoring", "policies", "update", "projects/p/alertPolicies/42"] for c in calls) == 3
+    assert sum(c[:3] == ["monitoring", "dashboards", "update"] for c in calls) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(real_gcloud() is None, reason="needs the Google Cloud CLI (Debian: google-cloud-cli)")
+def test_apply_commands_parse_in_the_real_gcloud(tmp_path: Path, recording_gcloud: Path) -> None:
+    """Every command line apply.sh runs, on both paths (create, update), is one the installed
+    gcloud accepts: command groups on the right release track, flags that exist, files it can read."""
+    gcloud = real_gcloud()
+    assert gcloud is not None
+    calls = apply_with(tmp_path, recording_gcloud)
+    calls += apply_with(tmp_path, recording_gcloud, existing="projects/p/alertPolicies/42")
+    assert usage_errors(gcloud, calls) == []
+    # The check can fail: the GA track has no alert policies in gcloud 528.
+    (policy_list, *_) = calls
+    assert policy_list[:4] == ["alpha", "monitoring", "policies", "list"]
+    (error,) = usage_errors(gcloud, [policy_list[1:]])
+    assert "Invalid choice: 'policies'" in error
 
 
 def test_apply_refuses_odd_values(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from app.main import create_app
 from app.model import Prediction
 from app.settings import ConfigError
 from fercore.storage import publish_run, sha256_file
-from tests.conftest import free_port
+from tests.conftest import refused_port
 from tests.utils.service import (
     clean_service_env,
     gray_png,
@@ -92,12 +92,18 @@ def state(client: TestClient) -> State:
 
 
 @pytest.fixture
-def gcs_down(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The client pointed at a port nobody listens on: every call is refused at once."""
-    address = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", address)
+def down_address() -> Iterator[str]:
+    """An address that refuses every connection at once, for the length of the test: GCS down."""
+    with refused_port() as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def gcs_down(monkeypatch: pytest.MonkeyPatch, down_address: str) -> str:
+    """The client pointed at :func:`down_address`."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", down_address)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
-    return address
+    return down_address
 
 
 @pytest.fixture
@@ -173,12 +179,12 @@ def test_hanging_gcs_times_out_and_is_retried(
 
 
 def test_fallback_to_bundled_when_gcs_is_down(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture, down_address: str
 ) -> None:
     publish(prefix, tmp_path, "run-1")
     emulator = os.environ["STORAGE_EMULATOR_HOST"]
     bundled = write_model(tmp_path / "bundled.onnx", run_id="bundled-run", seed=5)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # GCS down at startup
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", down_address)  # GCS down at startup
     env = {"FALLBACK_TO_BUNDLED": "true", "BUNDLED_MODEL_PATH": str(bundled), "ADMIN_TOKEN": TOKEN, **FAST_RETRIES}
     with caplog.at_level(logging.INFO), running_app(monkeypatch, MODEL_URI=prefix, **env) as client:
         assert client.get("/readyz").status_code == 200
@@ -278,10 +284,12 @@ def test_failed_reload_keeps_serving_the_old_model(
         assert client.get("/model").json()["last_reload_error"] is None
 
 
-def test_reload_while_gcs_is_down_keeps_serving(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str) -> None:
+def test_reload_while_gcs_is_down_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str, down_address: str
+) -> None:
     publish(prefix, tmp_path, "run-1")
     with running_app(monkeypatch, MODEL_URI=prefix, ADMIN_TOKEN=TOKEN, GCS_TIMEOUT_S="2") as client:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", down_address)
         body = client.post("/admin/reload", headers=AUTH).json()
         assert (body["reloaded"], body["version"]) == (False, "run-1") and "ConnectionError" in body["error"]
         assert client.get("/readyz").status_code == 200

@@ -79,6 +79,15 @@ def wait_until_refused(port: int, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.05)
 
 
+def wait_for_log(log: Path, text: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until the server has written ``text`` to its log: a point it reaches, not a time."""
+    deadline = time.monotonic() + HANG_S
+    while text not in log.read_text(errors="replace"):
+        assert proc.poll() is None, f"exited before logging {text!r}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} in the log after {HANG_S:.0f} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path) -> None:
     model = write_model(tmp_path / "model.pt", run_id="shutdown-run")
@@ -90,7 +99,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path) -> None:
         with sock:
             proc.send_signal(signal.SIGTERM)
             wait_until_refused(port, proc)  # no new connections, while the upload is still open
-            time.sleep(0.5)  # the client is slow: the server waits for it
+            wait_for_log(log, "Waiting for connections to close", proc)  # uvicorn waits for this upload
             assert proc.poll() is None
 
             sock.sendall(rest)  # the client finishes its upload

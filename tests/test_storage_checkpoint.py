@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from fercore import storage
-from fercore.checkpoint import CheckpointError, build_model, checkpoint_bytes, load_checkpoint, make_checkpoint, save_checkpoint
+from fercore.checkpoint import CheckpointError, build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.labels import CLASS_NAMES
 from fercore.models import ModelConfig, create_model
 from fercore.preprocessing import PreprocessSpec
+from tests.utils.checkpoints import checkpoint_bytes
 
 
 def tiny_checkpoint(run_id: str = "run-1", width: int = 4):

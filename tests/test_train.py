@@ -30,6 +30,7 @@ def only_run(output: Path) -> Path:
     return runs[0]
 
 
+@pytest.mark.slow
 def test_end_to_end_run_learns_and_publishes(data_zip: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     assert train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "4", *TINY]) == 0
@@ -62,6 +63,7 @@ def test_end_to_end_run_learns_and_publishes(data_zip: Path, tmp_path: Path) -> 
     assert resolved["model_kwargs"] == {"width": 4} and resolved["epochs"] == 4
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(
     data_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,6 +108,7 @@ def test_publish_to_gcs_output(gcs, data_zip: Path) -> None:
     assert not gcs.blob(f"runs/{latest.run_id}/last.pt").exists()  # resume state stays local
 
 
+@pytest.mark.slow
 def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "t"), "--epochs", "1", *TINY])
     teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").run_id / "model.pt"
@@ -115,6 +118,7 @@ def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
     assert student.model.kwargs == {"width": 2}
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_a_test_only_zip(data_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "runs"
     train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "2", *TINY])
@@ -184,6 +188,7 @@ def test_lr_schedule_shapes() -> None:
     assert warmed.index(max(warmed)) == warm and warmed[0] == pytest.approx(train.ONECYCLE_START) and warmed[-1] < 0.01
 
 
+@pytest.mark.slow
 def test_wandb_offline_tracking(data_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb", reason="the `tracking` extra is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -32,10 +32,11 @@ from training.data import Split, load_fer2013
 from training.metrics import classification_report, format_report, plot_confusion_matrix
 
 log = logging.getLogger(__name__)
+# Test-time augmentation: the views whose probabilities are averaged (see _views).
 TTA = Literal["none", "flip", "tencrop"]
 
 
-def _views(x: Tensor, tta: str) -> list[Tensor]:
+def _views(x: Tensor, tta: TTA) -> list[Tensor]:
     """The test-time views of a normalised batch (N, 1, H, W)."""
     if tta == "none":
         return [x]
@@ -71,7 +72,7 @@ def _forward(model: Model, bf16: bool) -> Callable[[Tensor], Tensor]:
 
 @torch.no_grad()
 def predict_probs(
-    model: Model, images: Tensor, spec: PreprocessSpec, batch_size: int = 512, tta: str = "none", bf16: bool = False
+    model: Model, images: Tensor, spec: PreprocessSpec, batch_size: int = 512, tta: TTA = "none", bf16: bool = False
 ) -> Tensor:
     """Class probabilities (N, C) for uint8 images (N, H, W), averaged over the TTA views."""
     forward = _forward(model, bf16)
@@ -90,7 +91,7 @@ def evaluate_split(
     split: Split,
     spec: PreprocessSpec,
     classes: tuple[str, ...],
-    tta: str = "none",
+    tta: TTA = "none",
     batch_size: int = 512,
     bf16: bool = False,
 ) -> tuple[dict[str, Any], float]:
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", required=True, help="zip, folder, fer2013.csv or gs:// URI")
     parser.add_argument("--split", default="test", help="train, test (PublicTest) or private_test (CSV only)")
-    parser.add_argument("--tta", default="none", choices=["none", "flip", "tencrop"])
+    parser.add_argument("--tta", default="none", choices=get_args(TTA))
     parser.add_argument("--output-json", type=Path, help="write the metrics here (a PNG goes beside it)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=512)

@@ -11,9 +11,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -25,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from app.main import create_app
-from bench.service import stop
+from bench.service import SERVICE_ARGS, start_uvicorn, stop
 from fercore.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
 from fercore.storage import publish_run
@@ -114,36 +115,63 @@ def running_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestCli
 
 @contextmanager
 def uvicorn_server(log_path: Path, ready_timeout: float = 90.0, **env: str) -> Iterator[str]:
-    """The real app (``app.main:serve_app``) served by a uvicorn process on a free 127.0.0.1 port, with
-    ``env`` added to this process's environment. Yields the base URL once ``/readyz`` answers 200;
-    the server's output goes to ``log_path`` and is shown if it dies before that."""
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:serve_app", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--log-level", "warning"]
-    with _serving(command, port, log_path, ready_timeout, env) as (base, _):
+    """The real app (``app.main:serve_app``) served by a uvicorn process on a 127.0.0.1 port it was
+    handed already listening (:func:`bench.service.start_uvicorn`), with ``env`` added to this
+    process's environment. Yields the base URL once ``/readyz`` answers 200; the server's output goes
+    to ``log_path`` and is shown if it dies before that."""
+
+    def start(log_file: IO[bytes]) -> tuple[str, subprocess.Popen[bytes]]:
+        return start_uvicorn([*SERVICE_ARGS, "--log-level", "warning"], env={**os.environ, **env}, stdout=log_file)
+
+    with _serving(start, log_path, ready_timeout) as (base, _):
         yield base
+
+
+class PortTaken(Exception):
+    """Another process bound the port between :func:`tests.conftest.free_port` and the server."""
 
 
 @contextmanager
 def serve_process(log_path: Path, ready_timeout: float = 90.0, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """The service image's entry point, ``python -m app.serve``, on a free ``PORT``: as
-    :func:`uvicorn_server`, and the process is yielded too (to be signalled)."""
-    port = free_port()
-    with _serving([sys.executable, "-m", "app.serve"], port, log_path, ready_timeout, {**env, "PORT": str(port)}) as served:
-        yield served
+    :func:`uvicorn_server`, and the process is yielded too (to be signalled). ``app.serve`` binds
+    the port itself, so another process may take it first: then it starts again on another."""
+
+    def start(log_file: IO[bytes]) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        command = [sys.executable, "-m", "app.serve"]
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **env, "PORT": str(port)}, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        return f"http://127.0.0.1:{port}", proc
+
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        try:
+            with _serving(start, log_path, ready_timeout) as served:
+                yield served
+            return
+        except PortTaken:
+            if attempt == BIND_ATTEMPTS:
+                raise
+
+
+BIND_ATTEMPTS = 3
 
 
 @contextmanager
 def _serving(
-    command: list[str], port: int, log_path: Path, ready_timeout: float, env: dict[str, str]
+    start: Callable[[IO[bytes]], tuple[str, subprocess.Popen[bytes]]], log_path: Path, ready_timeout: float
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT)
+        base, proc = start(log_file)
         try:
             deadline = time.monotonic() + ready_timeout
             while True:
-                assert proc.poll() is None, log_path.read_text()
+                if proc.poll() is not None:
+                    log = log_path.read_text(errors="replace")
+                    if "address already in use" in log.lower():
+                        raise PortTaken(log)
+                    raise AssertionError(f"the server exited with {proc.returncode} before it was ready:\n{log}")
                 try:
                     if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                         break
