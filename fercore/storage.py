@@ -2,8 +2,9 @@
 
 Writes are atomic in both worlds: locally a temp file is renamed into place; on GCS an
 object only becomes visible once its upload completes. Runs are published as
-``<prefix>/<run-id>/...`` and only then is ``<prefix>/latest.json`` rewritten, so a reader
-following ``latest.json`` never finds a missing or half-written model.
+``<prefix>/<run-id>/...`` and only then may ``<prefix>/latest.json`` be rewritten to serve
+one (a promotion, :mod:`fercore.registry`), so a reader following ``latest.json`` never finds
+a missing or half-written model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -138,11 +139,13 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_bytes(uri: str | Path, data: bytes) -> None:
-    """Write ``data`` to a local path (:func:`atomic_write`) or a GCS object."""
+def write_bytes(uri: str | Path, data: bytes, if_generation_match: int | None = None) -> None:
+    """Write ``data`` to a local path (:func:`atomic_write`) or a GCS object. ``if_generation_match``
+    (GCS only; 0: the object must not exist) makes the write conditional: Cloud Storage answers
+    412 (``google.api_core.exceptions.PreconditionFailed``) if the object is at another generation."""
     if is_gcs(uri):
         bucket, name = split_gcs(str(uri))
-        gcs_client().bucket(bucket).blob(name).upload_from_string(data)
+        gcs_client().bucket(bucket).blob(name).upload_from_string(data, if_generation_match=if_generation_match)
         return
     with atomic_write(uri) as f:
         f.write(data)
@@ -162,6 +165,14 @@ def read_bytes(uri: str | Path, timeout: float | None = None) -> bytes:
         bucket, name = split_gcs(str(uri))
         return gcs_client().bucket(bucket).blob(name).download_as_bytes(**_request_options(timeout))  # type: ignore[no-any-return]
     return Path(uri).read_bytes()
+
+
+def exists(uri: str | Path) -> bool:
+    """Whether a local file or GCS object is there."""
+    if is_gcs(uri):
+        bucket, name = split_gcs(str(uri))
+        return gcs_client().bucket(bucket).get_blob(name) is not None
+    return Path(uri).is_file()
 
 
 class IncompleteDownload(ConnectionError):
@@ -232,18 +243,49 @@ def fetch_to_cache(uri: str, timeout: float | None = None) -> Path:
     return dest
 
 
+RUN_POINTER = "pointer.json"  # in each run folder: what latest.json would hold to serve that run
+
+
 @dataclass(frozen=True)
 class LatestPointer:
-    """The content of ``latest.json``: which run is current and how to verify its model."""
+    """The content of ``latest.json``: which run is served and how to verify the file it serves.
+
+    ``path`` and ``sha256`` are all the service reads: the file it runs (relative to the prefix)
+    and that file's digest. The other fields serve the promotion gate and history
+    (:mod:`fercore.registry`); a ``latest.json`` written before they existed reads with defaults.
+    """
 
     run_id: str
-    path: str  # model file, relative to the prefix that holds latest.json
-    sha256: str
+    path: str  # the served file, relative to the prefix that holds latest.json
+    sha256: str  # of that file
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # every published file of the run -> its sha256
+    dataset_fingerprint: str = ""  # of the data val_accuracy was measured on (training.data)
+    promotion: dict[str, Any] = field(default_factory=dict)  # the event that made it current; {} for a candidate
 
     def model_uri(self, prefix: str | Path) -> str:
         return join(prefix, *self.path.split("/"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2).encode()
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "pointer") -> LatestPointer:
+        """Parse a pointer; keys this code does not know are ignored, missing optional ones default."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where} is malformed: not a JSON object")
+        known = {f.name for f in fields(cls)}
+        try:
+            pointer = cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"{where} is malformed: {exc}") from None
+        if not all(isinstance(v, str) for v in (pointer.run_id, pointer.path, pointer.sha256)):
+            raise ValueError(f"{where} is malformed: run_id, path and sha256 must be strings")
+        return pointer
 
 
 def publish_run(
@@ -253,32 +295,56 @@ def publish_run(
     model_name: str = "model.pt",
     metrics: dict[str, Any] | None = None,
     created_at: str = "",
+    dataset_fingerprint: str = "",
+    promote: bool = True,
 ) -> LatestPointer:
-    """Copy a finished run's files to ``<output>/<run_id>/``, then point ``latest.json`` at
-    its model. The pointer is written last, so it never names a file that is not there."""
+    """Copy a finished run's ``files`` (name in the run folder -> local file) to
+    ``<output>/<run_id>/``, then write the run's ``pointer.json`` (the candidate naming
+    ``model_name``, the file the service would run, with every file's sha256).
+
+    ``promote=True`` then points ``latest.json`` at the run unconditionally, recording it in the
+    history (:func:`fercore.registry.promote` without a gate); ``promote=False`` leaves that to
+    the caller, which applies the gate (``training.train``, ``training.promote``). Either way
+    ``latest.json`` is written after every file it names is in place. Returns the candidate, or
+    the pointer as written to ``latest.json`` when promoted.
+    """
     if model_name not in files:
         raise ValueError(f"run files must include {model_name}")
+    digests = {rel: sha256_file(src) for rel, src in files.items()}
     for rel, src in files.items():
-        if rel != model_name:
-            upload_file(src, join(output, run_id, rel))
-    model_src = files[model_name]
-    upload_file(model_src, join(output, run_id, model_name))
-    pointer = LatestPointer(
+        upload_file(src, join(output, run_id, rel))
+    candidate = LatestPointer(
         run_id=run_id,
         path=f"{run_id}/{model_name}",
-        sha256=sha256_file(model_src),
+        sha256=digests[model_name],
         metrics=metrics or {},
         created_at=created_at,
+        files=digests,
+        dataset_fingerprint=dataset_fingerprint,
     )
-    write_bytes(join(output, LATEST), json.dumps(asdict(pointer), indent=2).encode())
+    write_bytes(join(output, run_id, RUN_POINTER), candidate.to_json())
     log.info("published %s to %s", run_id, join(output, run_id))
-    return pointer
+    if not promote:
+        return candidate
+    # Imported here: the registry is built on this module (a top-level import would be a cycle).
+    from fercore import registry
+
+    outcome = registry.promote(output, candidate, gate=None, actor=registry.Actor.here("fercore.storage.publish_run"))
+    assert outcome.pointer is not None  # without a gate the only refusal is "already served", which has one
+    return outcome.pointer
+
+
+def read_run(output: str | Path, run_id: str, timeout: float | None = None) -> LatestPointer:
+    """The candidate pointer of a published run (its ``pointer.json``)."""
+    where = join(output, run_id, RUN_POINTER)
+    try:
+        raw = json.loads(read_bytes(where, timeout=timeout))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is malformed: {exc}") from None
+    return LatestPointer.from_dict(raw, where)
 
 
 def read_latest(prefix: str | Path, timeout: float | None = None) -> LatestPointer:
     """The pointer in ``<prefix>/latest.json``; ``timeout`` applies to GCS (see :func:`_request_options`)."""
-    raw = json.loads(read_bytes(join(prefix, LATEST), timeout=timeout))
-    try:
-        return LatestPointer(**raw)
-    except TypeError as exc:
-        raise ValueError(f"{join(prefix, LATEST)} is malformed: {exc}") from None
+    where = join(prefix, LATEST)
+    return LatestPointer.from_dict(json.loads(read_bytes(where, timeout=timeout)), where)

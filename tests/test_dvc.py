@@ -69,9 +69,10 @@ def test_evaluate_takes_a_training_output_folder(tmp_path: Path) -> None:
     assert train.main(["--data", str(source), "--output", str(out), *flags]) == 0
     report = tmp_path / "eval.json"
     assert evaluate.main(["--checkpoint", str(out), "--data", str(source), "--output-json", str(report)]) == 0
-    latest = storage.read_latest(out)
-    assert json.loads(report.read_text())["checkpoint"] == str(out / latest.path)
-    assert evaluate.resolve_checkpoint(out / latest.path) == out / latest.path  # a file stays itself
+    latest, evaluated = storage.read_latest(out), json.loads(report.read_text())
+    # The folder's served model, found through latest.json as the service finds it.
+    assert (evaluated["checkpoint"], evaluated["run_id"]) == (str(out), latest.run_id)
+    assert evaluated["precision"] in ("int8", "fp32")  # an ONNX export
 
 
 # ---------------------------------------------------------------------------- the committed DVC files

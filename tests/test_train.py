@@ -55,7 +55,8 @@ def test_end_to_end_run_learns_and_publishes(data_zip: Path, tmp_path: Path) -> 
     latest = storage.read_latest(out)
     assert latest.run_id == run.name
     assert storage.sha256_file(out / latest.path) == latest.sha256
-    model = load_checkpoint(out / latest.path)
+    model = load_checkpoint(run / "model.pt")  # published beside the ONNX files the service runs
+    assert latest.path.startswith(f"{run.name}/model") and latest.path in {f"{run.name}/{name}" for name in latest.files}
     assert model.training_state is None and model.metrics["val_accuracy"] == metrics["val_accuracy"]
     assert max(h["val_accuracy"] for h in history) == pytest.approx(metrics["val_accuracy"])
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -110,10 +111,10 @@ def test_publish_to_gcs_output(gcs, data_zip: Path) -> None:
 @pytest.mark.slow
 def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "t"), "--epochs", "1", *TINY])
-    teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").path
+    teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").run_id / "model.pt"
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "s"), "--epochs", "1", *TINY,
                 "--model-kwargs", '{"width": 2}', "--teacher", str(teacher)])  # fmt: skip
-    student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").path)
+    student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").run_id / "model.pt")
     assert student.model.kwargs == {"width": 2}
 
 
@@ -121,7 +122,7 @@ def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
 def test_evaluate_cli_on_a_test_only_zip(data_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "runs"
     train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "2", *TINY])
-    model = out / storage.read_latest(out).path
+    model = out / storage.read_latest(out).run_id / "model.pt"  # the checkpoint (the served file is its ONNX export)
     test_only = synthetic.write_zip(tmp_path / "test_only.zip", {"test": synthetic.default_splits(per_class=12)["test"]})
     for tta in ["none", "flip", "tencrop"]:
         report_path = tmp_path / f"eval-{tta}.json"
@@ -182,6 +183,9 @@ def test_lr_schedule_shapes() -> None:
     assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0) and cos[-1] < 0.01
     one = [train.lr_factor(s, total, 0, "onecycle") for s in range(total)]
     assert one.index(max(one)) == 30 and one[-1] < 0.01
+    assert one[0] == pytest.approx(train.ONECYCLE_START)
+    warmed = [train.lr_factor(s, total, warm, "onecycle") for s in range(total)]  # rises over the warm-up
+    assert warmed.index(max(warmed)) == warm and warmed[0] == pytest.approx(train.ONECYCLE_START) and warmed[-1] < 0.01
 
 
 @pytest.mark.slow

@@ -61,6 +61,10 @@ class TrainConfig:
     compile: bool = False
     num_threads: int = 0  # CPU threads; 0 = all cores this process may use
     eval_batch_size: int = 512
+    # publishing (docs/promotion.md): whether latest.json moves to the finished run
+    promote: Literal["if-better", "always", "never"] = "if-better"  # if-better: through the gate
+    promote_tolerance: float = 0.0  # the gate accepts a val_accuracy this much below the served one
+    promote_min_accuracy: float = 0.0  # and never one below this
     # tracking
     wandb: bool = False
     wandb_project: str = "fer2013"
@@ -91,6 +95,8 @@ class TrainConfig:
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}"),
             (self.schedule in ("cosine", "onecycle", "constant"), f"unknown schedule {self.schedule!r}"),
             (self.precision in ("auto", "fp32", "bf16"), f"unknown precision {self.precision!r}"),
+            (self.promote in ("if-better", "always", "never"), f"unknown promote policy {self.promote!r}"),
+            (self.promote_tolerance >= 0, "promote_tolerance must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

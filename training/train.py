@@ -5,7 +5,10 @@ r"""Train a FER2013 model.
     python -m training.train --resume runs/<run-id> --data ../shared/data/fer2013.zip
 
 Writes ``<output>/<run-id>/`` (model.pt, last.pt, metrics.json, config.yaml, plots, model
-card) and then ``<output>/latest.json``. ``--output`` may be ``gs://bucket/prefix``.
+card), publishes it, and promotes it (moves ``<output>/latest.json`` to it) as ``--promote``
+says: ``if-better`` (default) under the gate of :mod:`fercore.registry`, ``always``, or
+``never``; when it is not promoted, the reason is printed with both figures (docs/promotion.md).
+``--output`` may be ``gs://bucket/prefix``.
 """
 
 from __future__ import annotations
@@ -25,19 +28,21 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from fercore import storage
+from fercore import registry, storage
 from fercore.checkpoint import Checkpoint, build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.labels import CLASS_NAMES
 from fercore.models import ModelConfig, count_parameters
 from fercore.models.transfer import load_pretrained
 from fercore.preprocessing import PreprocessSpec, normalize
-from training import runtime
+from training import promote, runtime
 from training.augment import AugmentConfig, augment, mix_batch
 from training.config import TrainConfig, add_config_flags, resolve_config
 from training.data import FerData, Split, load_fer2013, train_val_split
 from training.evaluate import evaluate_split
+from training.export import export_for_serving
 from training.metrics import format_report, plot_confusion_matrix, plot_curves
 from training.model_card import write_model_card
 from training.tracking import Tracker
@@ -77,12 +82,19 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+ONECYCLE_RISE = 0.3  # share of the run the one-cycle LR rises over when there is no warm-up
+ONECYCLE_START = 1 / 25  # its first LR, as a share of the peak (div_factor of torch's OneCycleLR)
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base LR at optimiser step ``step``: linear warm-up, then the schedule."""
-    if schedule == "onecycle":  # triangular up over 30%, cosine down to ~0
-        peak = max(int(0.3 * total), 1)
+    """Multiplier of the base LR at optimiser step ``step``: linear warm-up, then the schedule.
+
+    One-cycle rises linearly from ``ONECYCLE_START`` over the warm-up (``ONECYCLE_RISE`` of the
+    run without one), then falls along a cosine to ~0."""
+    if schedule == "onecycle":
+        peak = warmup if warmup > 0 else max(int(ONECYCLE_RISE * total), 1)
         if step < peak:
-            return 0.04 + 0.96 * step / peak
+            return ONECYCLE_START + (1 - ONECYCLE_START) * step / peak
         return 0.5 * (1 + math.cos(math.pi * (step - peak) / max(total - peak, 1)))
     if step < warmup:
         return (step + 1) / warmup
@@ -91,12 +103,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def build_scheduler(
-    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LambdaLR:
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg.schedule))
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg.schedule))
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -146,7 +156,7 @@ def train_step(
     teacher: nn.Module | None,
     batch: Batch,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    scheduler: LambdaLR,
     cfg: TrainConfig,
     bf16: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -166,37 +176,26 @@ def train_step(
     return loss, logits
 
 
-def train_one_epoch(
-    model: nn.Module,
-    teacher: nn.Module | None,
-    images: Tensor,
-    labels: Tensor,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    cfg: TrainConfig,
-    spec: PreprocessSpec,
-    gen: torch.Generator,
-    bf16: bool,
-    epoch: int,
-) -> dict[str, float]:
-    device = images.device
+def _progress(steps: int, epoch: int, epochs: int) -> tqdm:  # type: ignore[type-arg]
+    # Every 2 s on a terminal; once a minute in a log file (a Vertex job's), not a line per batch.
+    interval = 2.0 if sys.stderr.isatty() else 60.0
+    return tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, mininterval=interval, file=sys.stderr)
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training set (a fresh permutation from the run's generator)."""
+    cfg, images, labels = run.cfg, run.data.images, run.data.labels
     aug = augment_config(cfg)
-    model.train()
-    perm = torch.randperm(len(labels), device=device, generator=gen)
+    run.train_model.train()
+    perm = torch.randperm(len(labels), device=images.device, generator=run.generator)
     steps = len(labels) // cfg.batch_size  # drop the ragged last batch: BatchNorm dislikes tiny ones
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(
-        range(steps),
-        desc=f"epoch {epoch}/{cfg.epochs}",
-        unit="batch",
-        leave=False,
-        mininterval=2.0 if sys.stderr.isatty() else 60.0,
-        file=sys.stderr,
-    )
+    bar = _progress(steps, epoch, cfg.epochs)
     for step in bar:
-        batch = make_batch(images, labels, perm[step * cfg.batch_size : (step + 1) * cfg.batch_size], cfg, aug, spec, gen)
-        loss, logits = train_step(model, teacher, batch, optimizer, scheduler, cfg, bf16)
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        batch = make_batch(images, labels, idx, cfg, aug, run.spec, run.generator)
+        loss, logits = train_step(run.train_model, run.teacher, batch, run.optimizer, run.scheduler, cfg, run.bf16)
         n = len(batch.hard)
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == batch.hard).sum())
@@ -214,7 +213,7 @@ def train_one_epoch(
         "train_accuracy": correct / max(seen, 1),
         "images_per_s": seen / elapsed,
         "epoch_seconds": elapsed,
-        "lr": float(scheduler.get_last_lr()[0]),
+        "lr": float(run.scheduler.get_last_lr()[0]),
     }
 
 
@@ -233,20 +232,15 @@ def work_dir_for(output: str, run_id: str) -> Path:
     return Path(output) / run_id
 
 
-def training_state(
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    gen: torch.Generator,
-    state: RunState,
-    cfg: TrainConfig,
-    output: str,
-) -> dict[str, Any]:
-    rng: dict[str, Any] = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+def training_state(run: Run) -> dict[str, Any]:
+    """What last.pt holds beyond the weights, for an exact --resume (RNG states included)."""
+    rng: dict[str, Any] = {"generator": run.generator.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = run.state
     return {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
         "rng": rng,
         "run": {
             "run_id": state.run_id,
@@ -255,8 +249,8 @@ def training_state(
             "best_epoch": state.best_epoch,
             "history": state.history,
         },
-        "config": cfg.to_dict(),
-        "output": output,
+        "config": run.cfg.to_dict(),
+        "output": run.output,
     }
 
 
@@ -280,17 +274,41 @@ def load_teacher(path: str, device: torch.device, spec: PreprocessSpec) -> nn.Mo
     return teacher
 
 
-def run(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | None = None) -> dict[str, Any]:
-    """Train (or continue) a run; returns the final metrics."""
-    threads = runtime.configure_threads(cfg.num_threads)
-    device = runtime.pick_device(cfg.device)
-    bf16 = runtime.use_bf16(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    spec = PreprocessSpec()
-    log.info("device %s (%d CPU threads), bf16 autocast %s", device, threads, bf16)
+@dataclass
+class RunData:
+    """The data of a run: the training set on the device, the validation split on the host."""
 
+    dataset: FerData  # its fingerprint and source travel with every checkpoint
+    images: Tensor  # uint8 (N, 48, 48) on the device, ~66 MB for FER2013
+    labels: Tensor  # int64 (N,)
+    val: Split
+    val_desc: str  # e.g. "test (PublicTest)": which split val_accuracy is measured on
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, built by :func:`setup`."""
+
+    cfg: TrainConfig
+    output: str
+    device: torch.device
+    bf16: bool
+    spec: PreprocessSpec
+    data: RunData
+    model: nn.Module  # the plain module: checkpoints and evaluation
+    model_cfg: ModelConfig
+    train_model: nn.Module  # what the loop calls: ``model``, compiled if asked
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    generator: torch.Generator  # every random draw of the loop (permutations, augmentation)
+    state: RunState
+    folder: Path
+    tracker: Tracker
+
+
+def load_data(cfg: TrainConfig, data_source: str, spec: PreprocessSpec, device: torch.device) -> RunData:
+    """Decode ``data_source``, split off the validation set, move the training set to ``device``."""
     t0 = time.perf_counter()
     data = load_fer2013(data_source, spec, skip_bad=cfg.skip_bad)
     train_split, val_split, val_desc = train_val_split(data, cfg.val_fraction, cfg.seed)
@@ -302,9 +320,47 @@ def run(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | No
         val_desc,
         time.perf_counter() - t0,
     )
-    images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, 48, 48), ~66 MB for FER2013
+    images = torch.from_numpy(train_split.images).to(device)
     labels = torch.from_numpy(train_split.labels).to(device)
+    if len(labels) < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(labels)})")
+    return RunData(data, images, labels, val_split, val_desc)
 
+
+def restore(resume: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, generator: torch.Generator) -> RunState:
+    """Put the optimiser, scheduler and RNGs back where ``resume`` left them; its run state."""
+    assert resume.training_state is not None
+    ts = resume.training_state
+    optimizer.load_state_dict(ts["optimizer"])
+    scheduler.load_state_dict(ts["scheduler"])
+    restore_rng(ts["rng"], generator)
+    state = RunState(**ts["run"])
+    log.info("resuming %s after epoch %d", state.run_id, state.epoch)
+    return state
+
+
+def open_folder(cfg: TrainConfig, output: str, run_id: str) -> Path:
+    """The run's local folder, with the resolved config written into it."""
+    folder = work_dir_for(output, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return folder
+
+
+def setup(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | None = None) -> Run:
+    """Build (or restore from ``resume``) a run: runtime, data, model, optimiser, state, folder.
+
+    A resumed run continues bit for bit only if the steps that draw random numbers (seeding,
+    data split, model init) come in this order before the RNG states are restored; keep it."""
+    threads = runtime.configure_threads(cfg.num_threads)
+    device = runtime.pick_device(cfg.device)
+    bf16 = runtime.use_bf16(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    spec = PreprocessSpec()
+    log.info("device %s (%d CPU threads), bf16 autocast %s", device, threads, bf16)
+    data = load_data(cfg, data_source, spec, device)
     if resume is None:
         model, model_cfg = build_model_for(cfg)
     else:
@@ -314,135 +370,126 @@ def run(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | No
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    steps_per_epoch = len(labels) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(labels)})")
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-
-    if resume is not None:
-        assert resume.training_state is not None
-        ts = resume.training_state
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        restore_rng(ts["rng"], gen)
-        state = RunState(**ts["run"])
-        if resume.dataset_fingerprint != data.fingerprint:
-            log.warning("resuming on different data (%s != %s)", data.fingerprint, resume.dataset_fingerprint)
-        log.info("resuming %s after epoch %d", state.run_id, state.epoch)
-    else:
+    scheduler = build_scheduler(cfg, optimizer, len(data.labels) // cfg.batch_size)
+    if resume is None:
         state = RunState(run_id=new_run_id(cfg))
-    work = work_dir_for(output, state.run_id)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log.info("run %s in %s: %s, %d parameters", state.run_id, work, cfg.model, count_parameters(model))
-
+    else:
+        state = restore(resume, optimizer, scheduler, generator)
+        if resume.dataset_fingerprint != data.dataset.fingerprint:
+            log.warning("resuming on different data (%s != %s)", data.dataset.fingerprint, resume.dataset_fingerprint)
+    folder = open_folder(cfg, output, state.run_id)
+    log.info("run %s in %s: %s, %d parameters", state.run_id, folder, cfg.model, count_parameters(model))
     teacher = load_teacher(cfg.teacher, device, spec) if cfg.teacher else None
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    tracker = Tracker(cfg, state.run_id, work)
-    common = {"preprocessing": spec, "dataset_fingerprint": data.fingerprint, "run_id": state.run_id}
+    tracker = Tracker(cfg, state.run_id, folder)
+    return Run(cfg, output, device, bf16, spec, data, model, model_cfg, train_model, teacher,
+               optimizer, scheduler, generator, state, folder, tracker)  # fmt: skip
 
-    stale = state.epoch - state.best_epoch
-    while state.epoch < cfg.epochs:
+
+def run(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | None = None) -> dict[str, Any]:
+    """Train (or continue) a run, publish it and promote it as ``cfg.promote`` says; returns the final metrics."""
+    job = setup(cfg, data_source, output, resume)
+    while job.state.epoch < cfg.epochs:
+        stale = job.state.epoch - job.state.best_epoch
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             log.info("early stop: no better val accuracy for %d epochs", stale)
             break
-        epoch = state.epoch + 1
-        stats = train_one_epoch(train_model, teacher, images, labels, optimizer, scheduler, cfg, spec, gen, bf16, epoch)
-        report, val_loss = evaluate_split(model, val_split, spec, CLASS_NAMES, batch_size=cfg.eval_batch_size, bf16=bf16)
-        row = {
-            "epoch": epoch,
-            **stats,
-            "val_loss": val_loss,
-            "val_accuracy": report["accuracy"],
-            "val_macro_f1": report["macro_f1"],
-        }
-        state.history.append(row)
-        state.epoch = epoch
-        improved = report["accuracy"] > state.best_val_accuracy
-        if improved:
-            state.best_val_accuracy, state.best_epoch = report["accuracy"], epoch
-            best = make_checkpoint(model, model_cfg, metrics=_summary(row), **common)
-            save_checkpoint(best, work / "best.pt", with_training_state=False)
-        stale = epoch - state.best_epoch
-        last = make_checkpoint(
-            model,
-            model_cfg,
-            metrics=_summary(row),
-            **common,
-            training_state=training_state(optimizer, scheduler, gen, state, cfg, output),
-        )
-        save_checkpoint(last, work / "last.pt")
-        tracker.log(row)
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f f1 %.4f  %.0f img/s %.0fs%s",
-            epoch,
-            cfg.epochs,
-            stats["train_loss"],
-            stats["train_accuracy"],
-            val_loss,
-            report["accuracy"],
-            report["macro_f1"],
-            stats["images_per_s"],
-            stats["epoch_seconds"],
-            "  *best*" if improved else "",
-        )
-
-    final = finish_run(work, state, val_split, val_desc, spec, device, cfg, data, output)
-    tracker.finish(final)
+        epoch = job.state.epoch + 1
+        stats = train_one_epoch(job, epoch)
+        end_epoch(job, epoch, stats)
+    final = finish_run(job)
+    job.tracker.finish(final)
     return final
+
+
+def end_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
+    """Validate, record the epoch, write best.pt (if better) and last.pt, log it."""
+    report, val_loss = evaluate_split(
+        run.model, run.data.val, run.spec, CLASS_NAMES, batch_size=run.cfg.eval_batch_size, bf16=run.bf16
+    )
+    row = {"epoch": epoch, **stats, "val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
+    state = run.state
+    state.history.append(row)
+    state.epoch = epoch
+    improved = report["accuracy"] > state.best_val_accuracy
+    common = {"preprocessing": run.spec, "dataset_fingerprint": run.data.dataset.fingerprint, "run_id": state.run_id}
+    if improved:
+        state.best_val_accuracy, state.best_epoch = report["accuracy"], epoch
+        best = make_checkpoint(run.model, run.model_cfg, metrics=_summary(row), **common)
+        save_checkpoint(best, run.folder / "best.pt", with_training_state=False)
+    last = make_checkpoint(run.model, run.model_cfg, metrics=_summary(row), **common, training_state=training_state(run))
+    save_checkpoint(last, run.folder / "last.pt")
+    run.tracker.log(row)
+    log.info(
+        "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f f1 %.4f  %.0f img/s %.0fs%s",
+        epoch,
+        run.cfg.epochs,
+        stats["train_loss"],
+        stats["train_accuracy"],
+        val_loss,
+        report["accuracy"],
+        report["macro_f1"],
+        stats["images_per_s"],
+        stats["epoch_seconds"],
+        "  *best*" if improved else "",
+    )
 
 
 def _summary(row: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()}
 
 
-def finish_run(
-    work: Path,
-    state: RunState,
-    val: Split,
-    val_desc: str,
-    spec: PreprocessSpec,
-    device: torch.device,
-    cfg: TrainConfig,
-    data: FerData,
-    output: str,
-) -> dict[str, Any]:
-    """Evaluate the best checkpoint, write the report files, publish the run."""
-    best = load_checkpoint(work / "best.pt")
-    model = build_model(best).to(device)
-    report, val_loss = evaluate_split(model, val, spec, best.classes, batch_size=cfg.eval_batch_size)
+def finish_run(run: Run) -> dict[str, Any]:
+    """Evaluate the best checkpoint, write model.pt and the report files, publish and promote the run."""
+    best = load_checkpoint(run.folder / "best.pt")
+    model = build_model(best).to(run.device)
+    report, val_loss = evaluate_split(model, run.data.val, run.spec, best.classes, batch_size=run.cfg.eval_batch_size)
     metrics = {
         "val_accuracy": report["accuracy"],
         "val_macro_f1": report["macro_f1"],
         "val_loss": val_loss,
-        "val_split": val_desc,
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
+        "val_split": run.data.val_desc,
+        "best_epoch": run.state.best_epoch,
+        "epochs_run": run.state.epoch,
         "parameters": count_parameters(model),
         "per_class_recall": {k: v["recall"] for k, v in report["per_class"].items()},
     }
     best.metrics = metrics
-    save_checkpoint(best, work / "model.pt", with_training_state=False)
-    (work / "metrics.json").write_text(json.dumps({**metrics, "report": report, "history": state.history}, indent=2))
-    plot_confusion_matrix(
-        report["confusion_matrix"],
-        best.classes,
-        work / "confusion_matrix.png",
-        f"{cfg.model} on {val_desc}: acc {report['accuracy']:.3f}",
-    )
-    plot_curves(state.history, work / "curves.png")
-    write_model_card(work / "MODEL_CARD.md", best, report, cfg, data.source, val_desc, state.history)
+    save_checkpoint(best, run.folder / "model.pt", with_training_state=False)
+    write_report_files(run, best, report, metrics)
     print(format_report(report))
-    files = {p.name: p for p in work.iterdir() if p.is_file() and p.name not in ("last.pt", "best.pt")}
-    pointer = storage.publish_run(
-        output,
-        state.run_id,
-        files,
-        metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)},
-        created_at=best.created_at,
-    )
-    log.info("published %s -> %s", state.run_id, storage.join(output, pointer.path))
+    outcome = publish(run, best)
+    print(promote.describe(outcome))
     return metrics
+
+
+def write_report_files(run: Run, best: Checkpoint, report: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """metrics.json, the confusion matrix, the learning curves and the model card, in the run folder."""
+    work, history = run.folder, run.state.history
+    (work / "metrics.json").write_text(json.dumps({**metrics, "report": report, "history": history}, indent=2))
+    title = f"{run.cfg.model} on {run.data.val_desc}: acc {report['accuracy']:.3f}"
+    plot_confusion_matrix(report["confusion_matrix"], best.classes, work / "confusion_matrix.png", title)
+    plot_curves(history, work / "curves.png")
+    write_model_card(work / "MODEL_CARD.md", best, report, run.cfg, run.data.dataset.source, run.data.val_desc, history)
+
+
+def publish(run: Run, best: Checkpoint) -> registry.Outcome:
+    """Publish the run folder (without its resume state) and the serving exports, then promote."""
+    private = {"last.pt", "best.pt", storage.RUN_POINTER}
+    files = {p.name: p for p in run.folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in private}
+    export = export_for_serving(run.folder / "model.pt", run.data.dataset)
+    files.update(export.files)
+    info = storage.LatestPointer(
+        run_id=run.state.run_id,
+        path="",
+        sha256="",
+        metrics={**best.metrics, **export.metrics},
+        created_at=best.created_at,
+        dataset_fingerprint=run.data.dataset.fingerprint,
+    )
+    gate = registry.Gate(tolerance=run.cfg.promote_tolerance, min_accuracy=run.cfg.promote_min_accuracy)
+    actor = registry.Actor.here("training.train")
+    return promote.publish_and_promote(run.output, files, export.serve, info, run.cfg.promote, gate, actor)
 
 
 def build_parser() -> argparse.ArgumentParser:

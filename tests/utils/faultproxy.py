@@ -17,6 +17,12 @@ changed while a test runs. Any fault can also drop response headers (``drop_head
 * :meth:`FaultProxy.down` / :meth:`FaultProxy.up`: stop listening (connections are refused)
   and listen again on the same port.
 
+With ``enforce_preconditions`` set, the proxy does what Cloud Storage does and the emulator does
+not: a request with ``ifGenerationMatch=N`` (an upload, a download) is answered 412 unless the
+object is at generation N (0: absent). The check and the forwarding happen under one lock, so
+two conditional writes cannot both pass; faults do not apply to those requests (recorded with
+fault ``"precondition"`` when refused).
+
 Each answer closes its connection (``Connection: close``): no keep-alive connection outlives a
 switch of mode. What happened to each request is in :attr:`FaultProxy.requests`.
 """
@@ -33,7 +39,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 # Headers that describe one hop, not the message: the proxy re-frames the body itself.
 HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"})
@@ -101,6 +107,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._body()
         if len(body) < int(self.headers.get("Content-Length") or 0):
             return  # the client died mid-upload: forwarding the part received would store it
+        if proxy.enforce_preconditions and "ifGenerationMatch=" in self.path:
+            self._handle_conditional(body)
+            return
         fault = proxy._take(self.path)
         proxy._record(Seen(self.command, self.path, fault.kind if fault else None))
         try:
@@ -116,6 +125,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._answer(status, headers, content, fault)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout): nothing to do
             pass
+
+    def _handle_conditional(self, body: bytes) -> None:
+        proxy = self.server.proxy
+        with proxy._conditions:  # check and write as one step, as GCS does
+            if proxy._generation_differs(self.command, self.path, body):
+                proxy._record(Seen(self.command, self.path, "precondition"))
+                self._answer(412, {"Content-Type": "application/json"}, _error_body(412))
+                return
+            proxy._record(Seen(self.command, self.path, None))
+            status, headers, content = proxy._forward(self.command, self.path, self.headers, body)
+        self._answer(status, headers, content)
 
     def _answer(self, status: int, headers: dict[str, str], content: bytes, fault: Fault | None = None) -> None:
         self.send_response_only(status)
@@ -158,6 +178,8 @@ class FaultProxy:
         self._upstream_netloc = parts.netloc
         self._upstream_timeout = upstream_timeout
         self._lock = threading.Lock()
+        self._conditions = threading.Lock()
+        self.enforce_preconditions = False
         self._faults: list[Fault] = []
         self.requests: list[Seen] = []
         self._server: _Server | None = None
@@ -221,6 +243,27 @@ class FaultProxy:
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self.requests.append(seen)
+
+    def _generation_differs(self, method: str, path: str, body: bytes) -> bool:
+        """Whether the object a conditional request names is not at its ``ifGenerationMatch``."""
+        parts = urlsplit(path)
+        query = parse_qs(parts.query)
+        expected = int(query["ifGenerationMatch"][0])
+        bucket_match = re.search(r"/b/([^/]+)/o", parts.path)
+        assert bucket_match is not None, path
+        if method == "GET":  # a download: /download/storage/v1/b/B/o/NAME
+            name = unquote(parts.path.split("/o/", 1)[1])
+        elif "name" in query:
+            name = query["name"][0]
+        else:  # a multipart upload: the name is in the JSON metadata, the body's first part
+            found = re.search(rb'"name"\s*:\s*"([^"]+)"', body)
+            assert found is not None, "an upload without an object name"
+            name = found.group(1).decode()
+        status, _, content = self._forward(
+            "GET", f"/storage/v1/b/{bucket_match.group(1)}/o/{quote(name, safe='')}", email.message.Message(), b""
+        )
+        current = int(json.loads(content)["generation"]) if status == 200 else 0
+        return current != expected
 
     def _forward(self, method: str, path: str, headers: email.message.Message, body: bytes) -> tuple[int, dict[str, str], bytes]:
         """The emulator's answer, whole. ``Host`` is passed on unchanged: the emulator builds its

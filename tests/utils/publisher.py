@@ -3,7 +3,8 @@
     python -m tests.utils.publisher OUTPUT --first 3 --count 50 --model-bytes 2000000 [--stall-at pointer]
 
 Publishes ``run-003``, ``run-004``... to OUTPUT (a folder or ``gs://bucket/prefix``) with
-:func:`fercore.storage.publish_run`, as training does: each run's files, then ``latest.json``.
+:func:`fercore.storage.publish_run` (which promotes unconditionally): each run's files, then
+``latest.json``, then the promotion history.
 Each model is ``--model-bytes`` of random bytes (publishing does not read them). It prints
 ``publishing <run> <sha256>`` before each run and ``published <run>`` after it.
 
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stall_at == "pointer":
         write_bytes = storage.write_bytes
 
-        def stalling_write_bytes(uri: str | Path, data: bytes) -> None:
+        def stalling_write_bytes(uri: str | Path, data: bytes, **conditions: int | None) -> None:
             if str(uri).endswith(storage.LATEST):
                 _stall(current["run"])
-            write_bytes(uri, data)
+            write_bytes(uri, data, **conditions)
 
         storage.write_bytes = stalling_write_bytes  # type: ignore[assignment]
     elif args.stall_at == "rename":
