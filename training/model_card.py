@@ -44,7 +44,7 @@ Accuracy **{report["accuracy"]:.4f}**, macro-F1 **{report["macro_f1"]:.4f}** (n=
 | class | recall | precision | f1 | support |
 |---|---|---|---|---|
 {recall}
-
+{_serving(ckpt.metrics)}
 ## Intended use and limits
 
 Seven-way facial expression classification of a single, roughly frontal, face crop
@@ -53,3 +53,16 @@ classes are imbalanced (disgust is rare). Expressions are not emotions: do not u
 model to make decisions about people.
 """
     path.write_text(text)
+
+
+def _serving(metrics: dict[str, Any]) -> str:
+    """What the service runs (``training.export``'s checks), when the run was exported."""
+    if "onnx_int8_val_accuracy" not in metrics:
+        return ""
+    return f"""
+## Served model (ONNX Runtime)
+
+`{metrics["served_precision"]}` ONNX export. fp32 export: accuracy {metrics["onnx_fp32_val_accuracy"]:.4f}, largest
+probability difference from PyTorch {metrics["onnx_max_prob_diff"]:.1e}; int8 (static, per-channel, QDQ):
+accuracy {metrics["onnx_int8_val_accuracy"]:.4f} on {metrics["export_val_split"]}.
+"""

@@ -42,7 +42,7 @@ from training.augment import AugmentConfig, augment, mix_batch
 from training.config import TrainConfig, add_config_flags, resolve_config
 from training.data import FerData, Split, load_fer2013, train_val_split
 from training.evaluate import evaluate_split
-from training.export import export_for_serving
+from training.export import Export, export_for_serving
 from training.metrics import format_report, plot_confusion_matrix, plot_curves
 from training.model_card import write_model_card
 from training.tracking import Tracker
@@ -456,9 +456,11 @@ def finish_run(run: Run) -> dict[str, Any]:
     }
     best.metrics = metrics
     save_checkpoint(best, run.folder / "model.pt", with_training_state=False)
+    export = export_for_serving(run.folder / "model.pt", run.data.dataset)
+    metrics = best.metrics = {**metrics, **export.metrics}  # the export's checks go into the report files too
     write_report_files(run, best, report, metrics)
     print(format_report(report))
-    outcome = publish(run, best)
+    outcome = publish(run, best, export)
     print(promote.describe(outcome))
     return metrics
 
@@ -473,17 +475,16 @@ def write_report_files(run: Run, best: Checkpoint, report: dict[str, Any], metri
     write_model_card(work / "MODEL_CARD.md", best, report, run.cfg, run.data.dataset.source, run.data.val_desc, history)
 
 
-def publish(run: Run, best: Checkpoint) -> registry.Outcome:
+def publish(run: Run, best: Checkpoint, export: Export) -> registry.Outcome:
     """Publish the run folder (without its resume state) and the serving exports, then promote."""
     private = {"last.pt", "best.pt", storage.RUN_POINTER}
     files = {p.name: p for p in run.folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in private}
-    export = export_for_serving(run.folder / "model.pt", run.data.dataset)
     files.update(export.files)
     info = storage.LatestPointer(
         run_id=run.state.run_id,
         path="",
         sha256="",
-        metrics={**best.metrics, **export.metrics},
+        metrics=best.metrics,
         created_at=best.created_at,
         dataset_fingerprint=run.data.dataset.fingerprint,
     )
