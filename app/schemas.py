@@ -124,6 +124,7 @@ class ModelDetails(BaseModel):
     source: str
     sha256: str
     architecture: str
+    precision: str = Field(default="", description="of the served ONNX graph: `fp32` or `int8`", examples=["int8"])
     classes: list[str]
     metrics: dict[str, Any]
     preprocessing: dict[str, Any]
@@ -147,6 +148,7 @@ class ModelDetails(BaseModel):
             source=info.source,
             sha256=info.sha256,
             architecture=info.architecture,
+            precision=info.precision,
             classes=list(info.classes),
             metrics=dict(info.metrics),
             preprocessing=dict(info.preprocessing),

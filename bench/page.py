@@ -102,6 +102,9 @@ def webcam_rate(page: Page, explain: bool, warmup_frames: int, duration: float) 
     if explain:
         page.locator('[data-action="explain"]').check()
     page.locator('[data-action="webcam"]').click()
+    # Pressed once the camera runs: the page has reset its frame counter by then (the last run's
+    # count would otherwise pass the wait below at once).
+    page.wait_for_selector('[data-action="webcam"][aria-pressed="true"]', timeout=TIMEOUT_MS)
     stats = page.locator("#stats")
     page.wait_for_function(
         f"() => Number(document.getElementById('stats').dataset.frames) >= {warmup_frames}", timeout=TIMEOUT_MS
