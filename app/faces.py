@@ -67,6 +67,11 @@ GRID_SIDE = 1 / 2
 # Default longer side detection works at; larger images are reduced first (JPEGs while decoding).
 DETECT_MAX_SIDE = 1024
 
+# Longest side of a face crop: the model sees a 48x48 resize, and a crop waiting for its forward pass
+# (or explained: its heatmap has the crop's size) must not hold the pixels of a face filling a
+# 40-megapixel photo (a 4000x4000 crop is 48 MB in RGB, its explanation ~1.6 GB to compute).
+MAX_CROP_SIDE = 256
+
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels
 Point = tuple[float, float]  # x, y in pixels
 
@@ -317,7 +322,7 @@ def clamp_box(x: int, y: int, w: int, h: int, width: int, height: int) -> Box:
 def crop_faces(image: Image.Image, detections: Sequence[Detection], align: bool = True) -> list[Image.Image]:
     """One crop per detection: turned so the eyes are level and framed as FER2013's faces are
     (:func:`aligned_crop`) when ``align`` and the keypoints are known; else the box grown by
-    :data:`CROP_MARGIN` and clipped to the image."""
+    :data:`CROP_MARGIN` and clipped to the image. At most :data:`MAX_CROP_SIDE` pixels a side."""
     width, height = image.size
     crops = []
     for detection in detections:
@@ -325,17 +330,19 @@ def crop_faces(image: Image.Image, detections: Sequence[Detection], align: bool 
             crops.append(aligned_crop(image, detection.landmarks))
         else:
             x, y, w, h = expand_box(detection.box, CROP_MARGIN, width, height)
-            crops.append(image.crop((x, y, x + w, y + h)))
+            crops.append(shrunk(image.crop((x, y, x + w, y + h)), MAX_CROP_SIDE))
     return crops
 
 
 def aligned_crop(image: Image.Image, landmarks: dict[str, Point]) -> Image.Image:
     """The square around a face, rotated so its eyes are level, framed from its ``landmarks``
     (``right_eye``, ``left_eye``, ``mouth``, image pixels) as FER2013 frames its faces; at the image's
-    own resolution (the model's preprocessing resizes it). Where the square reaches outside the
-    image (a face at the border) it is black."""
-    side, coeffs = aligned_frame(landmarks)
-    return image.transform((side, side), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+    own resolution up to :data:`MAX_CROP_SIDE` pixels a side (the model's preprocessing resizes it).
+    Where the square reaches outside the image (a face at the border) it is black."""
+    side, (a, b, c, d, e, f) = aligned_frame(landmarks)
+    out = min(side, MAX_CROP_SIDE)
+    s = side / out  # an output pixel spans s crop pixels
+    return image.transform((out, out), Image.Transform.AFFINE, (a * s, b * s, c, d * s, e * s, f), Image.Resampling.BILINEAR)
 
 
 def aligned_frame(landmarks: dict[str, Point]) -> tuple[int, tuple[float, ...]]:
@@ -372,5 +379,10 @@ def whole_image_crop(image: Image.Image, max_side: int = DETECT_MAX_SIDE) -> Ima
     pixels, not the full image: at MAX_IMAGE_PIXELS (40 Mpx) that is 160 MB in RGB, and sixteen of
     them in one ``/predict/batch`` would exceed the instance's memory.
     """
+    return shrunk(image, max_side)
+
+
+def shrunk(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` reduced by a whole factor (box average) so its longer side is at most ``max_side``."""
     factor = -(-max(image.size) // max_side)  # ceil
     return image.reduce(factor) if factor > 1 else image

@@ -330,3 +330,14 @@ def test_a_crowd_in_a_large_photo_is_found_in_a_grid_of_squares(detector: FaceDe
         assert_astronaut_face((face.box[0] % 512, face.box[1] % 512, face.box[2], face.box[3]))
     assert faces.windows(crowd.size, grid=False) == [whole]
     assert len(FaceDetector(DetectorConfig(grid=False)).detect(crowd)) < 9  # the cost of one run
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_a_face_filling_a_large_photo_is_cropped_at_a_bounded_size(detector: FaceDetector, align: bool) -> None:
+    """A crop waits for its forward pass (and is explained at its own size): a face filling a
+    3000x3000 photo is cropped at most MAX_CROP_SIDE a side, not ~1800 px."""
+    big = photo("astronaut").crop((140, 40, 300, 220)).resize((3000, 3000), Image.Resampling.BILINEAR)
+    (found,) = detector.detect(big)
+    assert found.box[2] > 4 * faces.MAX_CROP_SIDE  # the face itself is far larger than the cap
+    (crop,) = crop_faces(big, [found], align)
+    assert max(crop.size) <= faces.MAX_CROP_SIDE and min(crop.size) >= faces.MAX_CROP_SIDE // 2
