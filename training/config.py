@@ -25,6 +25,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False  # start from ImageNet weights (tv_* models)
     pretrained_weights: str | None = None  # local weights file instead of downloading
+    init_from: str | None = None  # start from this checkpoint's weights (same model): fine-tuning
     # optimisation
     epochs: int = 60
     batch_size: int = 128
@@ -32,8 +33,12 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    schedule: Literal["cosine", "onecycle", "constant", "restarts"] = "cosine"
     warmup_epochs: float = 1.0
+    # restarts: cosine cycles of this many epochs (SGDR); each cycle's end is saved as a snapshot,
+    # an ensemble member that costs no extra training (Huang et al., Snapshot Ensembles)
+    cycle_epochs: int = 0
+    ema_decay: float = 0.0  # > 0: validate, select and save an exponential moving average of the weights
     label_smoothing: float = 0.1
     early_stopping_patience: int = 0  # epochs without a better val accuracy; 0 = off
     # augmentation
@@ -47,7 +52,9 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     mix_prob: float = 0.0  # fraction of batches that get MixUp or CutMix
     # distillation
-    teacher: str | None = None  # checkpoint of a larger model
+    # a checkpoint run on every batch, or the .npz of stored predictions `training.teach` writes
+    # (an ensemble's averaged probabilities; free per epoch)
+    teacher: str | None = None
     distill_alpha: float = 0.7  # weight of the teacher term
     distill_temperature: float = 4.0
     # data
@@ -93,7 +100,13 @@ class TrainConfig:
             (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
             (0 <= self.distill_alpha <= 1, "distill_alpha must be in [0, 1]"),
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}"),
-            (self.schedule in ("cosine", "onecycle", "constant"), f"unknown schedule {self.schedule!r}"),
+            (self.schedule in ("cosine", "onecycle", "constant", "restarts"), f"unknown schedule {self.schedule!r}"),
+            (self.schedule != "restarts" or self.cycle_epochs >= 1, "schedule restarts needs cycle_epochs >= 1"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (
+                not (self.teacher or "").endswith(".npz") or self.mix_prob == 0,
+                "stored teacher predictions are per image: they cannot follow MixUp/CutMix (mix_prob must be 0)",
+            ),
             (self.precision in ("auto", "fp32", "bf16"), f"unknown precision {self.precision!r}"),
             (self.promote in ("if-better", "always", "never"), f"unknown promote policy {self.promote!r}"),
             (self.promote_tolerance >= 0, "promote_tolerance must be >= 0"),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fercore import registry, storage
@@ -45,6 +46,7 @@ from training.evaluate import evaluate_split
 from training.export import Export, export_for_serving
 from training.metrics import format_report, plot_confusion_matrix, plot_curves
 from training.model_card import write_model_card
+from training.teach import Teacher, load_teacher
 from training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,12 @@ def build_model_for(cfg: TrainConfig) -> tuple[nn.Module, ModelConfig]:
     model = model_cfg.build()
     if cfg.pretrained:
         load_pretrained(model, cfg.model, cfg.pretrained_weights)
+    if cfg.init_from:
+        start = load_checkpoint(cfg.init_from)
+        if start.model != model_cfg:
+            raise ValueError(f"init_from {cfg.init_from} is a {start.model.to_dict()}, not the configured {model_cfg.to_dict()}")
+        model.load_state_dict(start.state_dict)
+        log.info("starting from the weights of %s (val acc %s)", cfg.init_from, start.metrics.get("val_accuracy"))
     return model, model_cfg
 
 
@@ -86,11 +94,12 @@ ONECYCLE_RISE = 0.3  # share of the run the one-cycle LR rises over when there i
 ONECYCLE_START = 1 / 25  # its first LR, as a share of the peak (div_factor of torch's OneCycleLR)
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+def lr_factor(step: int, total: int, warmup: int, schedule: str, cycle: int = 0) -> float:
     """Multiplier of the base LR at optimiser step ``step``: linear warm-up, then the schedule.
 
     One-cycle rises linearly from ``ONECYCLE_START`` over the warm-up (``ONECYCLE_RISE`` of the
-    run without one), then falls along a cosine to ~0."""
+    run without one), then falls along a cosine to ~0. Restarts: after the warm-up, cosines of
+    ``cycle`` steps, each from the base LR to ~0."""
     if schedule == "onecycle":
         peak = warmup if warmup > 0 else max(int(ONECYCLE_RISE * total), 1)
         if step < peak:
@@ -100,13 +109,21 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "restarts":
+        return 0.5 * (1 + math.cos(math.pi * ((step - warmup) % cycle) / cycle))
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LambdaLR:
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    return LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg.schedule))
+    cycle = cfg.cycle_epochs * steps_per_epoch
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg.schedule, cycle))
+
+
+def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
+    # BatchNorm statistics are averaged too (use_buffers): the averaged weights need their own.
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -127,6 +144,7 @@ class Batch:
     x: Tensor  # float (N, 1, H, W), normalised and augmented
     y: Tensor  # float (N, C), soft targets
     hard: Tensor  # int (N,), the original labels
+    idx: Tensor  # int (N,), the images' rows in the training set (for stored teacher predictions)
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
@@ -148,12 +166,12 @@ def make_batch(
     x, y = mix_batch(x, y, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, gen)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return Batch(x, y, hard)
+    return Batch(x, y, hard, idx)
 
 
 def train_step(
     model: nn.Module,
-    teacher: nn.Module | None,
+    teacher: Teacher | None,
     batch: Batch,
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
@@ -166,7 +184,7 @@ def train_step(
         loss = soft_cross_entropy(logits, batch.y, cfg.label_smoothing)
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(batch.x)
+                teacher_logits = teacher(batch.x, batch.idx)
             kd = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
             loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
     optimizer.zero_grad(set_to_none=True)
@@ -196,6 +214,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         batch = make_batch(images, labels, idx, cfg, aug, run.spec, run.generator)
         loss, logits = train_step(run.train_model, run.teacher, batch, run.optimizer, run.scheduler, cfg, run.bf16)
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
         n = len(batch.hard)
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == batch.hard).sum())
@@ -241,6 +261,7 @@ def training_state(run: Run) -> dict[str, Any]:
     return {
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
         "rng": rng,
         "run": {
             "run_id": state.run_id,
@@ -259,19 +280,6 @@ def restore_rng(rng: dict[str, Any], gen: torch.Generator) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def load_teacher(path: str, device: torch.device, spec: PreprocessSpec) -> nn.Module:
-    ckpt = load_checkpoint(path)
-    if ckpt.preprocessing != spec:
-        raise ValueError(f"teacher {path} was trained with other preprocessing ({ckpt.preprocessing})")
-    if ckpt.classes != CLASS_NAMES:
-        raise ValueError(f"teacher {path} predicts other classes: {ckpt.classes}")
-    teacher = build_model(ckpt).to(device).to(memory_format=torch.channels_last)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    log.info("distilling from %s (%s, val acc %s)", path, ckpt.model.name, ckpt.metrics.get("val_accuracy"))
-    return teacher
 
 
 @dataclass
@@ -298,13 +306,19 @@ class Run:
     model: nn.Module  # the plain module: checkpoints and evaluation
     model_cfg: ModelConfig
     train_model: nn.Module  # what the loop calls: ``model``, compiled if asked
-    teacher: nn.Module | None
+    ema: AveragedModel | None  # the moving average of ``model``'s weights, if cfg.ema_decay
+    teacher: Teacher | None
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
     generator: torch.Generator  # every random draw of the loop (permutations, augmentation)
     state: RunState
     folder: Path
     tracker: Tracker
+
+    @property
+    def selected(self) -> nn.Module:
+        """The weights that are validated, selected and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def load_data(cfg: TrainConfig, data_source: str, spec: PreprocessSpec, device: torch.device) -> RunData:
@@ -327,12 +341,20 @@ def load_data(cfg: TrainConfig, data_source: str, spec: PreprocessSpec, device: 
     return RunData(data, images, labels, val_split, val_desc)
 
 
-def restore(resume: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, generator: torch.Generator) -> RunState:
-    """Put the optimiser, scheduler and RNGs back where ``resume`` left them; its run state."""
+def restore(
+    resume: Checkpoint,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    ema: AveragedModel | None,
+    generator: torch.Generator,
+) -> RunState:
+    """Put the optimiser, scheduler, moving average and RNGs back where ``resume`` left them; its run state."""
     assert resume.training_state is not None
     ts = resume.training_state
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(ts["ema"])
     restore_rng(ts["rng"], generator)
     state = RunState(**ts["run"])
     log.info("resuming %s after epoch %d", state.run_id, state.epoch)
@@ -371,18 +393,19 @@ def setup(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | 
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(data.labels) // cfg.batch_size)
+    ema = build_ema(cfg, model)
     if resume is None:
         state = RunState(run_id=new_run_id(cfg))
     else:
-        state = restore(resume, optimizer, scheduler, generator)
+        state = restore(resume, optimizer, scheduler, ema, generator)
         if resume.dataset_fingerprint != data.dataset.fingerprint:
             log.warning("resuming on different data (%s != %s)", data.dataset.fingerprint, resume.dataset_fingerprint)
     folder = open_folder(cfg, output, state.run_id)
     log.info("run %s in %s: %s, %d parameters", state.run_id, folder, cfg.model, count_parameters(model))
-    teacher = load_teacher(cfg.teacher, device, spec) if cfg.teacher else None
+    teacher = load_teacher(cfg.teacher, device, spec, data.images, data.labels) if cfg.teacher else None
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     tracker = Tracker(cfg, state.run_id, folder)
-    return Run(cfg, output, device, bf16, spec, data, model, model_cfg, train_model, teacher,
+    return Run(cfg, output, device, bf16, spec, data, model, model_cfg, train_model, ema, teacher,
                optimizer, scheduler, generator, state, folder, tracker)  # fmt: skip
 
 
@@ -402,21 +425,27 @@ def run(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | No
     return final
 
 
+def validate(run: Run, model: nn.Module) -> tuple[dict[str, Any], float]:
+    return evaluate_split(model, run.data.val, run.spec, CLASS_NAMES, batch_size=run.cfg.eval_batch_size, bf16=run.bf16)
+
+
 def end_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
-    """Validate, record the epoch, write best.pt (if better) and last.pt, log it."""
-    report, val_loss = evaluate_split(
-        run.model, run.data.val, run.spec, CLASS_NAMES, batch_size=run.cfg.eval_batch_size, bf16=run.bf16
-    )
+    """Validate, record the epoch, write best.pt (if better), a snapshot (at a cycle's end) and last.pt, log it."""
+    report, val_loss = validate(run, run.selected)
     row = {"epoch": epoch, **stats, "val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
+    if run.ema is not None:  # the raw weights' figure too: what the average adds, in the same run
+        row["val_accuracy_raw"] = validate(run, run.model)[0]["accuracy"]
     state = run.state
     state.history.append(row)
     state.epoch = epoch
     improved = report["accuracy"] > state.best_val_accuracy
     common = {"preprocessing": run.spec, "dataset_fingerprint": run.data.dataset.fingerprint, "run_id": state.run_id}
+    selected = make_checkpoint(run.selected, run.model_cfg, metrics=_summary(row), **common)
     if improved:
         state.best_val_accuracy, state.best_epoch = report["accuracy"], epoch
-        best = make_checkpoint(run.model, run.model_cfg, metrics=_summary(row), **common)
-        save_checkpoint(best, run.folder / "best.pt", with_training_state=False)
+        save_checkpoint(selected, run.folder / "best.pt", with_training_state=False)
+    if run.cfg.schedule == "restarts" and epoch % run.cfg.cycle_epochs == 0:
+        save_checkpoint(selected, run.folder / f"snapshot-e{epoch}.pt", with_training_state=False)
     last = make_checkpoint(run.model, run.model_cfg, metrics=_summary(row), **common, training_state=training_state(run))
     save_checkpoint(last, run.folder / "last.pt")
     run.tracker.log(row)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The bundled model's recipe, end to end, in one command (models/MODEL_CARD.md):
+#   scripts/train-bundled.sh ../shared/data/fer2013.zip runs/ [extra training flags...]
+# 1. base: the compact network from scratch (configs/compact.yaml, 45 epochs);
+# 2. snapshots: warm restarts from it, a snapshot per cycle (configs/compact_snapshots.yaml);
+# 3. teacher: the base and the snapshots' averaged flip-TTA predictions, stored
+#    (python -m training.teach; its .json is the ensemble's PublicTest figure: the best model);
+# 4. bundled: the ensemble distilled into the last snapshot (configs/compact_distill_ensemble.yaml),
+#    promoted through the gate (docs/promotion.md).
+# Extra flags go to every training run (the tests pass tiny ones). About 2.3 hours on 2 CPU
+# cores with bf16 (bench/README.md); minutes on a GPU. OUT must be a local folder.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: $0 DATA OUT [training flags...]" >&2
+    exit 2
+fi
+data=$1
+out=$2
+shift 2
+python=${PYTHON:-python}
+
+# The newest run folder named NAME (run ids are <UTC time>-<name>-s<seed>, so they sort by time).
+newest_run() {
+    local runs=("$out"/*-"$1"-s*/)
+    [ -d "${runs[-1]}" ] || { echo "no $1 run in $out" >&2; exit 1; }
+    echo "${runs[-1]%/}"
+}
+
+train() {
+    "$python" -m training.train --data "$data" --output "$out" "$@"
+}
+
+train --config configs/compact.yaml --epochs 45 --run-name base --promote never "$@"
+base=$(newest_run base)
+train --config configs/compact_snapshots.yaml --init-from "$base/model.pt" --run-name snap --promote never "$@"
+snap=$(newest_run snap)
+mapfile -t snapshots < <(ls -v "$snap"/snapshot-e*.pt)
+
+members=(--checkpoint "$base/model.pt")
+for s in "${snapshots[@]}"; do members+=(--checkpoint "$s"); done
+"$python" -m training.teach "${members[@]}" --data "$data" --output "$out/teachers/ensemble.npz"
+
+train --config configs/compact_distill_ensemble.yaml --teacher "$out/teachers/ensemble.npz" \
+    --init-from "${snapshots[-1]}" --run-name bundled "$@"

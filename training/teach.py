@@ -1,0 +1,170 @@
+r"""Teachers for distillation: a network run on every batch, or an ensemble's stored predictions.
+
+    python -m training.teach --checkpoint models/fer-compact.pt --checkpoint runs/<a>/model.pt \
+        --checkpoint runs/<b>/snapshot-e30.pt --data ../shared/data/fer2013.zip --output teachers/ens.npz
+
+averages the members' class probabilities (with flip TTA by default) over the training split
+and writes them to ``ens.npz``; ``python -m training.train --teacher teachers/ens.npz`` then
+distils the ensemble at no cost per epoch (a live teacher costs a forward pass per member per
+batch). It also evaluates each member and the ensemble on the validation split (PublicTest) and
+writes ``ens.json``: the ensemble is the most accurate model the pipeline makes.
+
+The stored probabilities belong to one training split: the file carries its digest, and a run
+on other data refuses the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fercore.checkpoint import build_model, load_checkpoint
+from fercore.labels import CLASS_NAMES
+from fercore.preprocessing import PreprocessSpec
+from fercore.storage import atomic_write
+from training import runtime
+from training.data import Split, load_fer2013, train_val_split
+from training.evaluate import TTA, load_model, predict_probs
+from training.metrics import classification_report
+
+log = logging.getLogger(__name__)
+
+PROB_FLOOR = 1e-6  # stored probabilities become logits (their logs); keep those finite
+
+
+def split_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """Identity of a training split: the images and labels, in order (a stored row is an index)."""
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).astype(np.int64).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+class ModelTeacher:
+    """A frozen network run on the (augmented) batch the student sees."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: Tensor, idx: Tensor) -> Tensor:
+        return self.model(x)
+
+
+class StoredTeacher:
+    """Logits looked up by training-set index: the log of an ensemble's averaged probabilities,
+    so that softening them by a temperature T gives p^(1/T), normalised, as for a network."""
+
+    def __init__(self, probs: Tensor) -> None:
+        self.logits = probs.clamp_min(PROB_FLOOR).log()
+
+    def __call__(self, x: Tensor, idx: Tensor) -> Tensor:
+        return self.logits[idx]
+
+
+Teacher = ModelTeacher | StoredTeacher
+
+
+def load_teacher(path: str, device: torch.device, spec: PreprocessSpec, train_images: Tensor, train_labels: Tensor) -> Teacher:
+    """The teacher ``path`` names: stored predictions (.npz) for this very training split, or a checkpoint."""
+    if path.endswith(".npz"):
+        with np.load(path) as stored:
+            probs, digest = stored["probs"], str(stored["split_digest"])
+        expected = split_digest(train_images.cpu().numpy(), train_labels.cpu().numpy())
+        if digest != expected or probs.shape != (len(train_labels), len(CLASS_NAMES)):
+            raise ValueError(f"teacher {path} holds predictions for another training split ({digest}, not {expected})")
+        log.info("distilling from stored predictions %s (%d images)", path, len(probs))
+        return StoredTeacher(torch.from_numpy(probs).to(device))
+    ckpt = load_checkpoint(path)
+    if ckpt.preprocessing != spec:
+        raise ValueError(f"teacher {path} was trained with other preprocessing ({ckpt.preprocessing})")
+    if ckpt.classes != CLASS_NAMES:
+        raise ValueError(f"teacher {path} predicts other classes: {ckpt.classes}")
+    model = build_model(ckpt).to(device).to(memory_format=torch.channels_last).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log.info("distilling from %s (%s, val acc %s)", path, ckpt.model.name, ckpt.metrics.get("val_accuracy"))
+    return ModelTeacher(model)
+
+
+# ---------------------------------------------------------------------------- stored predictions
+
+
+@dataclass
+class Member:
+    uri: str
+    train_probs: Tensor  # (N_train, C)
+    val_probs: Tensor  # (N_val, C)
+
+
+def predict_member(uri: str, train: Split, val: Split, tta: TTA, device: torch.device) -> Member:
+    loaded = load_model(uri, device)
+    if loaded.classes != CLASS_NAMES:
+        raise ValueError(f"{uri} predicts other classes: {loaded.classes}")
+    probs = [predict_probs(loaded.model, torch.from_numpy(s.images), loaded.spec, tta=tta) for s in (train, val)]
+    return Member(uri, *probs)
+
+
+def scores(probs: Tensor, split: Split) -> dict[str, float]:
+    report = classification_report(split.labels, probs.argmax(1).numpy(), CLASS_NAMES)
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+
+
+def build_teacher(uris: list[str], data_source: str, output: Path, tta: TTA, val_fraction: float, seed: int) -> dict[str, Any]:
+    """Predict with every member, write ``output`` (.npz) and its report (.json beside it); the report."""
+    device = runtime.pick_device("auto")
+    data = load_fer2013(data_source, PreprocessSpec())
+    train, val, val_desc = train_val_split(data, val_fraction, seed)
+    members = []
+    for i, uri in enumerate(uris, 1):
+        members.append(predict_member(uri, train, val, tta, device))
+        log.info("member %d/%d %s: val acc %.4f", i, len(uris), uri, scores(members[-1].val_probs, val)["accuracy"])
+    train_probs = torch.stack([m.train_probs for m in members]).mean(0)
+    val_probs = torch.stack([m.val_probs for m in members]).mean(0)
+    report = {
+        "members": [{"uri": m.uri, **scores(m.val_probs, val)} for m in members],
+        "ensemble": scores(val_probs, val),
+        "tta": tta,
+        "val_split": val_desc,
+        "dataset_fingerprint": data.fingerprint,
+        "split_digest": split_digest(train.images, train.labels),
+        "train_accuracy": scores(train_probs, train)["accuracy"],  # how far the soft labels agree with the hard ones
+    }
+    with atomic_write(output) as f:
+        np.savez(f, probs=train_probs.numpy().astype(np.float32), split_digest=np.array(report["split_digest"]))
+    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", action="append", required=True, help="a member (model.pt, .onnx, ...); repeat")
+    parser.add_argument("--data", required=True, help="FER2013 zip, folder, fer2013.csv, or gs:// URI of one")
+    parser.add_argument("--output", type=Path, required=True, help="the .npz to write (its report goes beside it)")
+    parser.add_argument("--tta", default="flip", choices=["none", "flip", "tencrop"])
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="as the training run's (sources without PublicTest)")
+    parser.add_argument("--seed", type=int, default=0, help="as the training run's (sources without PublicTest)")
+    args = parser.parse_args(argv)
+    if args.output.suffix != ".npz":
+        parser.error("--output must end in .npz")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = build_teacher(args.checkpoint, args.data, args.output, args.tta, args.val_fraction, args.seed)
+    for m in report["members"]:
+        print(f"{m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  {m['uri']}")
+    e = report["ensemble"]
+    n = len(report["members"])
+    print(f"{e['accuracy']:.4f}  macro-F1 {e['macro_f1']:.4f}  ensemble of {n} (tta={args.tta}) on {report['val_split']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
