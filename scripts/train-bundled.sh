@@ -7,17 +7,22 @@
 #    (python -m training.teach; its .json is the ensemble's PublicTest figure: the best model);
 # 4. bundled: the ensemble distilled into the last snapshot (configs/compact_distill_ensemble.yaml),
 #    promoted through the gate (docs/promotion.md).
-# Extra flags go to every training run (the tests pass tiny ones). About 2.3 hours on 2 CPU
-# cores with bf16 (bench/README.md); minutes on a GPU. OUT must be a local folder.
+# Extra flags go to every training run (the tests pass tiny ones). Each stage keeps its config's
+# seed; on data without a PublicTest split the seed also draws the validation hold-out, which all
+# stages must share: set SEED=N to run every stage (and the teacher) with seed N. About 2.5 hours
+# on 2 CPU cores with bf16 (bench/README.md); minutes on a GPU. OUT must be a local folder.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-    echo "usage: $0 DATA OUT [training flags...]" >&2
+    echo "usage: [SEED=N] $0 DATA OUT [training flags...]" >&2
     exit 2
 fi
 data=$1
 out=$2
 shift 2
 python=${PYTHON:-python}
+configs="$(cd "$(dirname "$0")/.." && pwd)/configs"
+seed=()
+if [ -n "${SEED:-}" ]; then seed=(--seed "$SEED"); fi
 
 # The newest run folder named NAME (run ids are <UTC time>-<name>-s<seed>, so they sort by time).
 newest_run() {
@@ -27,18 +32,23 @@ newest_run() {
 }
 
 train() {
-    "$python" -m training.train --data "$data" --output "$out" "$@"
+    "$python" -m training.train --data "$data" --output "$out" "$@" "${seed[@]}"
 }
 
-train --config configs/compact.yaml --epochs 45 --run-name base --promote never "$@"
+train --config "$configs/compact.yaml" --epochs 45 --run-name base --promote never "$@"
 base=$(newest_run base)
-train --config configs/compact_snapshots.yaml --init-from "$base/model.pt" --run-name snap --promote never "$@"
+train --config "$configs/compact_snapshots.yaml" --init-from "$base/model.pt" --run-name snap --promote never "$@"
 snap=$(newest_run snap)
-mapfile -t snapshots < <(ls -v "$snap"/snapshot-e*.pt)
+shopt -s nullglob
+mapfile -t snapshots < <(printf '%s\n' "$snap"/snapshot-e*.pt | sort -V)
+if [ ${#snapshots[@]} -eq 0 ] || [ ! -f "${snapshots[0]}" ]; then
+    echo "no snapshots in $snap" >&2
+    exit 1
+fi
 
 members=(--checkpoint "$base/model.pt")
 for s in "${snapshots[@]}"; do members+=(--checkpoint "$s"); done
-"$python" -m training.teach "${members[@]}" --data "$data" --output "$out/teachers/ensemble.npz"
+"$python" -m training.teach "${members[@]}" --data "$data" --output "$out/teachers/ensemble.npz" "${seed[@]}"
 
-train --config configs/compact_distill_ensemble.yaml --teacher "$out/teachers/ensemble.npz" \
+train --config "$configs/compact_distill_ensemble.yaml" --teacher "$out/teachers/ensemble.npz" \
     --init-from "${snapshots[-1]}" --run-name bundled "$@"

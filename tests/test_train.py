@@ -13,6 +13,7 @@ import yaml
 
 from fercore import storage
 from fercore.checkpoint import load_checkpoint
+from fercore.preprocessing import PreprocessSpec
 from tests.utils import synthetic
 from training import evaluate, teach, train
 from training.config import TrainConfig
@@ -102,6 +103,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     for a, b in zip(ref_hist, res_hist, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_accuracy"] == b["val_accuracy"]
         assert a["val_accuracy_raw"] == b["val_accuracy_raw"]  # the raw weights' figure beside the average's
+    for key, value in reference.training_state["ema"].items():  # the moving average resumes exactly too
+        torch.testing.assert_close(resumed.training_state["ema"][key], value, rtol=0, atol=0, msg=key)
     assert storage.read_latest(tmp_path / "b").run_id == run_b.name
 
 
@@ -258,6 +261,28 @@ def test_distillation_from_stored_ensemble_predictions(data_zip: Path, tmp_path:
         train.main(["--data", str(other), "--output", str(out), "--epochs", "1", *TINY, "--teacher", str(stored)])
     with pytest.raises(ValueError, match="cannot follow MixUp"):
         TrainConfig.from_dict({"teacher": str(stored), "mixup_alpha": 0.2, "mix_prob": 0.5})
+
+
+def test_stored_teacher_rows_follow_the_shuffled_batch() -> None:
+    """A stored teacher that knows every label must agree with each batch's labels, however shuffled."""
+    images = torch.randint(0, 256, (50, 48, 48), dtype=torch.uint8)
+    labels = torch.arange(50) % 7
+    teacher = teach.StoredTeacher(torch.nn.functional.one_hot(labels, 7).float())
+    cfg, gen = TrainConfig(), torch.Generator().manual_seed(0)
+    idx = torch.randperm(50, generator=gen)[:16]
+    batch = train.make_batch(images, labels, idx, cfg, train.augment_config(cfg), PreprocessSpec(), gen)
+    assert torch.equal(teacher(batch.x, batch.idx).argmax(1), batch.hard)
+
+
+def test_restart_and_teacher_settings_are_checked() -> None:
+    for bad, message in [
+        ({"schedule": "restarts", "cycle_epochs": 0}, "needs cycle_epochs >= 1"),
+        ({"schedule": "restarts", "cycle_epochs": 5, "epochs": 12, "warmup_epochs": 0}, "multiple of cycle_epochs"),
+        ({"schedule": "restarts", "cycle_epochs": 5, "epochs": 10}, "needs warmup_epochs 0"),
+        ({"init_from": "a.pt", "pretrained": True}, "pick one"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict(bad)
 
 
 def test_stored_teacher_logits_soften_like_a_networks() -> None:

@@ -35,7 +35,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "onecycle", "constant", "restarts"] = "cosine"
     warmup_epochs: float = 1.0
-    # restarts: cosine cycles of this many epochs (SGDR); each cycle's end is saved as a snapshot,
+    # restarts (only): cosine cycles of this many epochs (SGDR); each cycle's end is saved as a snapshot,
     # an ensemble member that costs no extra training (Huang et al., Snapshot Ensembles)
     cycle_epochs: int = 0
     ema_decay: float = 0.0  # > 0: validate, select and save an exponential moving average of the weights
@@ -101,19 +101,34 @@ class TrainConfig:
             (0 <= self.distill_alpha <= 1, "distill_alpha must be in [0, 1]"),
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}"),
             (self.schedule in ("cosine", "onecycle", "constant", "restarts"), f"unknown schedule {self.schedule!r}"),
-            (self.schedule != "restarts" or self.cycle_epochs >= 1, "schedule restarts needs cycle_epochs >= 1"),
+            *self._restart_checks(),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (
-                not (self.teacher or "").endswith(".npz") or self.mix_prob == 0,
+                not is_stored_teacher(self.teacher) or self.mix_prob == 0,
                 "stored teacher predictions are per image: they cannot follow MixUp/CutMix (mix_prob must be 0)",
             ),
-            (self.precision in ("auto", "fp32", "bf16"), f"unknown precision {self.precision!r}"),
-            (self.promote in ("if-better", "always", "never"), f"unknown promote policy {self.promote!r}"),
-            (self.promote_tolerance >= 0, "promote_tolerance must be >= 0"),
+            (not (self.init_from and self.pretrained), "init_from and pretrained both set the starting weights: pick one"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _restart_checks(self) -> list[tuple[bool, str]]:
+        # Snapshots are taken at epochs that are multiples of cycle_epochs: the cycles must start
+        # at step 0 (no warm-up; a fine-tune needs none, and from scratch the first cycle warms up)
+        # and the run must end at a cycle's end.
+        if self.schedule != "restarts":
+            return []  # cycle_epochs is ignored
+        return [
+            (self.cycle_epochs >= 1, "schedule restarts needs cycle_epochs >= 1"),
+            (self.warmup_epochs == 0, "schedule restarts needs warmup_epochs 0 (each cycle starts at the peak LR)"),
+            (self.epochs % max(self.cycle_epochs, 1) == 0, "schedule restarts needs epochs a multiple of cycle_epochs"),
+        ]
+
+
+def is_stored_teacher(teacher: str | None) -> bool:
+    """Whether ``teacher`` names stored predictions (`training.teach`'s .npz) rather than a checkpoint."""
+    return bool(teacher) and str(teacher).endswith(".npz")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from fercore.labels import CLASS_NAMES
 from fercore.preprocessing import PreprocessSpec
 from fercore.storage import atomic_write
 from training import runtime
+from training.config import is_stored_teacher
 from training.data import Split, load_fer2013, train_val_split
 from training.evaluate import TTA, load_model, predict_probs
 from training.metrics import classification_report
@@ -75,12 +76,14 @@ Teacher = ModelTeacher | StoredTeacher
 
 def load_teacher(path: str, device: torch.device, spec: PreprocessSpec, train_images: Tensor, train_labels: Tensor) -> Teacher:
     """The teacher ``path`` names: stored predictions (.npz) for this very training split, or a checkpoint."""
-    if path.endswith(".npz"):
+    if is_stored_teacher(path):
         with np.load(path) as stored:
             probs, digest = stored["probs"], str(stored["split_digest"])
         expected = split_digest(train_images.cpu().numpy(), train_labels.cpu().numpy())
-        if digest != expected or probs.shape != (len(train_labels), len(CLASS_NAMES)):
+        if digest != expected:
             raise ValueError(f"teacher {path} holds predictions for another training split ({digest}, not {expected})")
+        if probs.shape != (len(train_labels), len(CLASS_NAMES)):
+            raise ValueError(f"teacher {path} holds {probs.shape} probabilities, not ({len(train_labels)}, {len(CLASS_NAMES)})")
         log.info("distilling from stored predictions %s (%d images)", path, len(probs))
         return StoredTeacher(torch.from_numpy(probs).to(device))
     ckpt = load_checkpoint(path)
@@ -88,7 +91,7 @@ def load_teacher(path: str, device: torch.device, spec: PreprocessSpec, train_im
         raise ValueError(f"teacher {path} was trained with other preprocessing ({ckpt.preprocessing})")
     if ckpt.classes != CLASS_NAMES:
         raise ValueError(f"teacher {path} predicts other classes: {ckpt.classes}")
-    model = build_model(ckpt).to(device).to(memory_format=torch.channels_last).eval()
+    model = build_model(ckpt).to(device).to(memory_format=torch.channels_last)  # in eval mode
     for p in model.parameters():
         p.requires_grad_(False)
     log.info("distilling from %s (%s, val acc %s)", path, ckpt.model.name, ckpt.metrics.get("val_accuracy"))
@@ -118,11 +121,13 @@ def scores(probs: Tensor, split: Split) -> dict[str, float]:
     return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
 
 
-def build_teacher(uris: list[str], data_source: str, output: Path, tta: TTA, val_fraction: float, seed: int) -> dict[str, Any]:
-    """Predict with every member, write ``output`` (.npz) and its report (.json beside it); the report."""
+def build_teacher(args: argparse.Namespace) -> dict[str, Any]:
+    """Predict with every member (``--checkpoint``), write ``--output`` (.npz) and its report (.json
+    beside it); returns the report."""
+    uris, output, tta = args.checkpoint, args.output, args.tta
     device = runtime.pick_device("auto")
-    data = load_fer2013(data_source, PreprocessSpec())
-    train, val, val_desc = train_val_split(data, val_fraction, seed)
+    data = load_fer2013(args.data, PreprocessSpec(), skip_bad=args.skip_bad)
+    train, val, val_desc = train_val_split(data, args.val_fraction, args.seed)
     members = []
     for i, uri in enumerate(uris, 1):
         members.append(predict_member(uri, train, val, tta, device))
@@ -140,7 +145,8 @@ def build_teacher(uris: list[str], data_source: str, output: Path, tta: TTA, val
     }
     with atomic_write(output) as f:
         np.savez(f, probs=train_probs.numpy().astype(np.float32), split_digest=np.array(report["split_digest"]))
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    with atomic_write(output.with_suffix(".json")) as f:
+        f.write(json.dumps(report, indent=2).encode())
     return report
 
 
@@ -152,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "tencrop"])
     parser.add_argument("--val-fraction", type=float, default=0.1, help="as the training run's (sources without PublicTest)")
     parser.add_argument("--seed", type=int, default=0, help="as the training run's (sources without PublicTest)")
+    parser.add_argument("--skip-bad", action="store_true", help="as the training run's: skip undecodable images")
     args = parser.parse_args(argv)
     if args.output.suffix != ".npz":
         parser.error("--output must end in .npz")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = build_teacher(args.checkpoint, args.data, args.output, args.tta, args.val_fraction, args.seed)
+    report = build_teacher(args)
     for m in report["members"]:
         print(f"{m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  {m['uri']}")
     e = report["ensemble"]

@@ -75,6 +75,8 @@ def build_model_for(cfg: TrainConfig) -> tuple[nn.Module, ModelConfig]:
         start = load_checkpoint(cfg.init_from)
         if start.model != model_cfg:
             raise ValueError(f"init_from {cfg.init_from} is a {start.model.to_dict()}, not the configured {model_cfg.to_dict()}")
+        if start.preprocessing != PreprocessSpec() or start.classes != CLASS_NAMES:
+            raise ValueError(f"init_from {cfg.init_from} was trained with other preprocessing or classes")
         model.load_state_dict(start.state_dict)
         log.info("starting from the weights of %s (val acc %s)", cfg.init_from, start.metrics.get("val_accuracy"))
     return model, model_cfg
@@ -122,7 +124,8 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
 
 
 def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
-    # BatchNorm statistics are averaged too (use_buffers): the averaged weights need their own.
+    # use_buffers: BatchNorm's running statistics are averaged along with the weights (the raw
+    # model's, not recomputed for the averaged weights: close enough at a decay this high).
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
 
 
@@ -400,9 +403,9 @@ def setup(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | 
         state = restore(resume, optimizer, scheduler, ema, generator)
         if resume.dataset_fingerprint != data.dataset.fingerprint:
             log.warning("resuming on different data (%s != %s)", data.dataset.fingerprint, resume.dataset_fingerprint)
-    folder = open_folder(cfg, output, state.run_id)
-    log.info("run %s in %s: %s, %d parameters", state.run_id, folder, cfg.model, count_parameters(model))
     teacher = load_teacher(cfg.teacher, device, spec, data.images, data.labels) if cfg.teacher else None
+    folder = open_folder(cfg, output, state.run_id)  # after everything that can refuse the run
+    log.info("run %s in %s: %s, %d parameters", state.run_id, folder, cfg.model, count_parameters(model))
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     tracker = Tracker(cfg, state.run_id, folder)
     return Run(cfg, output, device, bf16, spec, data, model, model_cfg, train_model, ema, teacher,
@@ -440,11 +443,13 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
     state.epoch = epoch
     improved = report["accuracy"] > state.best_val_accuracy
     common = {"preprocessing": run.spec, "dataset_fingerprint": run.data.dataset.fingerprint, "run_id": state.run_id}
-    selected = make_checkpoint(run.selected, run.model_cfg, metrics=_summary(row), **common)
+    snapshot = run.cfg.schedule == "restarts" and epoch % run.cfg.cycle_epochs == 0  # a cycle's end
+    if improved or snapshot:
+        selected = make_checkpoint(run.selected, run.model_cfg, metrics=_summary(row), **common)
     if improved:
         state.best_val_accuracy, state.best_epoch = report["accuracy"], epoch
         save_checkpoint(selected, run.folder / "best.pt", with_training_state=False)
-    if run.cfg.schedule == "restarts" and epoch % run.cfg.cycle_epochs == 0:
+    if snapshot:
         save_checkpoint(selected, run.folder / f"snapshot-e{epoch}.pt", with_training_state=False)
     last = make_checkpoint(run.model, run.model_cfg, metrics=_summary(row), **common, training_state=training_state(run))
     save_checkpoint(last, run.folder / "last.pt")
