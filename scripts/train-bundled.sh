@@ -2,14 +2,15 @@
 # The bundled model's recipe, end to end, in one command (models/MODEL_CARD.md):
 #   scripts/train-bundled.sh ../shared/data/fer2013.zip runs/ [extra training flags...]
 # 1. base: the compact network from scratch (configs/compact.yaml, 45 epochs);
-# 2. snapshots: warm restarts from it, a snapshot per cycle (configs/compact_snapshots.yaml);
-# 3. teacher: the base and the snapshots' averaged flip-TTA predictions, stored
-#    (python -m training.teach; its .json is the ensemble's PublicTest figure: the best model);
-# 4. bundled: the ensemble distilled into the last snapshot (configs/compact_distill_ensemble.yaml),
-#    promoted through the gate (docs/promotion.md).
+# 2. snap: warm restarts from it with a moving average, a snapshot per cycle
+#    (configs/compact_snapshots.yaml); its best epoch is the bundled model, promoted through the
+#    gate (docs/promotion.md);
+# 3. the ensemble of the base and the snapshots (flip TTA): python -m training.teach writes its
+#    PublicTest figures (ensemble.json: the best model) and its stored predictions (ensemble.npz,
+#    a teacher for `training.train --teacher`; configs/compact_distill_ensemble.yaml).
 # Extra flags go to every training run (the tests pass tiny ones). Each stage keeps its config's
 # seed; on data without a PublicTest split the seed also draws the validation hold-out, which all
-# stages must share: set SEED=N to run every stage (and the teacher) with seed N. About 2.5 hours
+# stages must share: set SEED=N to run every stage (and the ensemble) with seed N. About 2.5 hours
 # on 2 CPU cores with bf16 (bench/README.md); minutes on a GPU. OUT must be a local folder.
 set -euo pipefail
 if [ $# -lt 2 ]; then
@@ -37,7 +38,7 @@ train() {
 
 train --config "$configs/compact.yaml" --epochs 45 --run-name base --promote never "$@"
 base=$(newest_run base)
-train --config "$configs/compact_snapshots.yaml" --init-from "$base/model.pt" --run-name snap --promote never "$@"
+train --config "$configs/compact_snapshots.yaml" --init-from "$base/model.pt" --run-name snap "$@"
 snap=$(newest_run snap)
 shopt -s nullglob
 mapfile -t snapshots < <(printf '%s\n' "$snap"/snapshot-e*.pt | sort -V)
@@ -48,7 +49,4 @@ fi
 
 members=(--checkpoint "$base/model.pt")
 for s in "${snapshots[@]}"; do members+=(--checkpoint "$s"); done
-"$python" -m training.teach "${members[@]}" --data "$data" --output "$out/teachers/ensemble.npz" "${seed[@]}"
-
-train --config "$configs/compact_distill_ensemble.yaml" --teacher "$out/teachers/ensemble.npz" \
-    --init-from "${snapshots[-1]}" --run-name bundled "$@"
+"$python" -m training.teach "${members[@]}" --data "$data" --output "$out/ensemble/ensemble.npz" "${seed[@]}"

@@ -24,6 +24,7 @@ import pytest
 
 from app.model import Predictor
 from fercore import registry, storage
+from fercore.checkpoint import load_checkpoint
 from fercore.registry import Actor, Gate
 from fercore.storage import LatestPointer
 from tests.test_train import TINY
@@ -33,7 +34,7 @@ from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "fer-compact.pt"
-BUNDLED_RUN = "20261126-100733-bundled-compact-s0"
+BUNDLED_RUN = load_checkpoint(BUNDLED).run_id
 ACTOR = Actor("tester@here", "tests")
 
 

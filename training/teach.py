@@ -112,7 +112,8 @@ def predict_member(uri: str, train: Split, val: Split, tta: TTA, device: torch.d
     loaded = load_model(uri, device)
     if loaded.classes != CLASS_NAMES:
         raise ValueError(f"{uri} predicts other classes: {loaded.classes}")
-    probs = [predict_probs(loaded.model, torch.from_numpy(s.images), loaded.spec, tta=tta) for s in (train, val)]
+    bf16 = runtime.use_bf16("auto", device)  # as training validates: ~3x faster on CPUs with native bf16
+    probs = [predict_probs(loaded.model, torch.from_numpy(s.images), loaded.spec, tta=tta, bf16=bf16) for s in (train, val)]
     return Member(uri, *probs)
 
 
