@@ -6,12 +6,12 @@
 #    (configs/compact_snapshots.yaml); its best epoch is the bundled model, promoted through the
 #    gate (docs/promotion.md);
 # 3. the ensemble of the base and the snapshots (flip TTA): python -m training.teach writes its
-#    PublicTest figures (ensemble.json: the best model) and its stored predictions (ensemble.npz,
+#    and its members' PublicTest figures (ensemble.json) and stored predictions (ensemble.npz,
 #    a teacher for `training.train --teacher`; configs/compact_distill_ensemble.yaml).
 # Extra flags go to every training run (the tests pass tiny ones). Each stage keeps its config's
 # seed; on data without a PublicTest split the seed also draws the validation hold-out, which all
-# stages must share: set SEED=N to run every stage (and the ensemble) with seed N. About 2.5 hours
-# on 2 CPU cores with bf16 (bench/README.md); minutes on a GPU. OUT must be a local folder.
+# stages must share: set SEED=N to run every stage (and the ensemble) with seed N. About 3 hours
+# on 2 CPU cores with bf16 (models/MODEL_CARD.md); minutes on a GPU. OUT must be a local folder.
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: [SEED=N] $0 DATA OUT [training flags...]" >&2

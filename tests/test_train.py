@@ -247,6 +247,7 @@ def test_distillation_from_stored_ensemble_predictions(data_zip: Path, tmp_path:
     assert teach.main([*flags, "--data", str(data_zip), "--output", str(stored)]) == 0
     report = json.loads(stored.with_suffix(".json").read_text())
     assert [m["uri"] for m in report["members"]] == members and report["tta"] == "flip"
+    assert [m["run_id"] for m in report["members"]] == [load_checkpoint(m).run_id for m in members]
     assert 0 <= report["ensemble"]["accuracy"] <= 1 and report["val_split"] == "test (PublicTest)"
     with np.load(stored) as f:
         probs = f["probs"]

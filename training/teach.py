@@ -7,7 +7,7 @@ averages the members' class probabilities (with flip TTA by default) over the tr
 and writes them to ``ens.npz``; ``python -m training.train --teacher teachers/ens.npz`` then
 distils the ensemble at no cost per epoch (a live teacher costs a forward pass per member per
 batch). It also evaluates each member and the ensemble on the validation split (PublicTest) and
-writes ``ens.json``: the ensemble is the most accurate model the pipeline makes.
+writes ``ens.json`` (each member's run id, its figures and the ensemble's).
 
 The stored probabilities belong to one training split: the file carries its digest, and a run
 on other data refuses the file.
@@ -104,6 +104,7 @@ def load_teacher(path: str, device: torch.device, spec: PreprocessSpec, train_im
 @dataclass
 class Member:
     uri: str
+    run_id: str  # the uri may name another file later (models/ is overwritten); the run id stays
     train_probs: Tensor  # (N_train, C)
     val_probs: Tensor  # (N_val, C)
 
@@ -114,7 +115,7 @@ def predict_member(uri: str, train: Split, val: Split, tta: TTA, device: torch.d
         raise ValueError(f"{uri} predicts other classes: {loaded.classes}")
     bf16 = runtime.use_bf16("auto", device)  # as training validates: ~3x faster on CPUs with native bf16
     probs = [predict_probs(loaded.model, torch.from_numpy(s.images), loaded.spec, tta=tta, bf16=bf16) for s in (train, val)]
-    return Member(uri, *probs)
+    return Member(uri, loaded.run_id, *probs)
 
 
 def scores(probs: Tensor, split: Split) -> dict[str, float]:
@@ -136,7 +137,7 @@ def build_teacher(args: argparse.Namespace) -> dict[str, Any]:
     train_probs = torch.stack([m.train_probs for m in members]).mean(0)
     val_probs = torch.stack([m.val_probs for m in members]).mean(0)
     report = {
-        "members": [{"uri": m.uri, **scores(m.val_probs, val)} for m in members],
+        "members": [{"uri": m.uri, "run_id": m.run_id, **scores(m.val_probs, val)} for m in members],
         "ensemble": scores(val_probs, val),
         "tta": tta,
         "val_split": val_desc,

@@ -112,6 +112,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, cycle: int = 0)
     if schedule == "constant":
         return 1.0
     if schedule == "restarts":
+        cycle = max(cycle, 1)
         return 0.5 * (1 + math.cos(math.pi * ((step - warmup) % cycle) / cycle))
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
