@@ -198,9 +198,9 @@ def publishing(output: Output) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_publisher_killed_at_random_moments(target: str) -> None:
+def test_publisher_killed_at_random_moments(target: str, tmp_path: Path) -> None:
     rng = random.Random(0)
-    publisher = ["-m", "tests.utils.publisher", target, "--model-bytes", "2000000"]
+    publisher = ["-m", "tests.utils.publisher", target, "--scratch", str(tmp_path), "--model-bytes", "2000000"]
     # How long one run takes to publish here (milliseconds locally, more on the emulator): the
     # kills are spread over a few of those.
     with child(*publisher, "--count", "3") as (proc, output):
@@ -235,7 +235,8 @@ def killed_before_the_pointer_moves(target: str, tmp_path: Path, where: str) -> 
     model.write_bytes(b"the previous model")
     before = storage.publish_run(target, "run-000", {"model.pt": model})
 
-    with child("-m", "tests.utils.publisher", target, "--first", "1", "--stall-at", where) as (proc, output):
+    publisher = ["-m", "tests.utils.publisher", target, "--scratch", str(tmp_path / "scratch")]
+    with child(*publisher, "--first", "1", "--stall-at", where) as (proc, output):
         output.wait_for(r"^stalled run-001")
         sigkill(proc)
     (run, sha), *_ = publishing(output)
@@ -243,7 +244,7 @@ def killed_before_the_pointer_moves(target: str, tmp_path: Path, where: str) -> 
     new_model = storage.read_bytes(storage.join(target, run, "model.pt"))
     assert hashlib.sha256(new_model).hexdigest() == sha  # uploaded, complete, but not yet current
 
-    with child("-m", "tests.utils.publisher", target, "--first", "2", "--count", "1") as (proc, output):
+    with child(*publisher, "--first", "2", "--count", "1") as (proc, output):
         assert proc.wait(timeout=HANG_S) == 0, output.text()
     pointer = latest(target)
     assert pointer is not None and (pointer.run_id, pointer.sha256) == publishing(output)[0]

@@ -12,11 +12,12 @@ import torch
 import yaml
 
 from fercore import storage
-from fercore.checkpoint import load_checkpoint
+from fercore.checkpoint import load_checkpoint, save_checkpoint
 from fercore.preprocessing import PreprocessSpec
 from tests.utils import synthetic
 from training import evaluate, teach, train
 from training.config import TrainConfig
+from training.data import load_fer2013
 
 TINY = [
     "--model", "compact", "--model-kwargs", '{"width": 4}', "--batch-size", "16", "--lr", "0.05",
@@ -150,6 +151,49 @@ def test_evaluate_cli_on_a_test_only_zip(data_zip: Path, tmp_path: Path, capsys:
     same = json.loads((tmp_path / "same.json").read_text())
     assert same["accuracy"] == pytest.approx(load_checkpoint(model).metrics["val_accuracy"])
     assert "macro-F1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_evaluate_an_ensemble(data_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "runs"
+    train.main(["--data", str(data_zip), "--output", str(out), "--epochs", "1", *TINY])
+    first = out / storage.read_latest(out).run_id / "model.pt"
+    ckpt = load_checkpoint(first)
+    torch.manual_seed(1)
+    ckpt.state_dict = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    ckpt.run_id = "perturbed"
+    save_checkpoint(ckpt, second := tmp_path / "second.pt")
+
+    report_path = tmp_path / "ensemble.json"
+    args = ["--checkpoint", str(first), "--checkpoint", str(second), "--data", str(data_zip), "--tta", "flip"]
+    assert evaluate.main([*args, "--output-json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    # The ensemble is the mean of the members' probabilities, each with its TTA views.
+    test = load_fer2013(data_zip)["test"]
+    members = [evaluate.load_model(str(p), torch.device("cpu")) for p in (first, second)]
+    member_probs = [evaluate.predict_probs(m.model, torch.from_numpy(test.images), m.spec, tta="flip") for m in members]
+    mean = torch.stack(member_probs).mean(0)
+    assert report["loss"] == pytest.approx(
+        -mean[torch.arange(len(test.labels)), torch.from_numpy(test.labels)].log().mean().item()
+    )
+    assert report["accuracy"] == pytest.approx(float((mean.argmax(1).numpy() == test.labels).mean()))
+    assert [(m["checkpoint"], m["run_id"]) for m in report["members"]] == [
+        (str(first), members[0].run_id),
+        (str(second), "perturbed"),
+    ]
+    for m, probs in zip(report["members"], member_probs, strict=True):
+        assert m["accuracy"] == pytest.approx(float((probs.argmax(1).numpy() == test.labels).mean()))
+    assert (report["model"], report["tta"], report["num_samples"]) == ("ensemble of 2", "flip", len(test.labels))
+    assert report_path.with_suffix(".png").stat().st_size > 1000
+    assert f"member {second}: accuracy" in capsys.readouterr().out
+
+    # Members must answer with the same classes: their columns are averaged.
+    ckpt.classes = tuple(reversed(ckpt.classes))
+    save_checkpoint(ckpt, other := tmp_path / "other-classes.pt")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(first), "--checkpoint", str(other), "--data", str(data_zip)])
+    assert exc.value.code == 2
+    assert "predicts other classes" in capsys.readouterr().err
 
 
 def test_early_stopping(data_zip: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ r"""Evaluate a checkpoint on any supported FER2013 source.
         --data ../shared/data/fer2013.zip --split test --tta flip --output-json eval.json
     python -m training.evaluate --checkpoint models/fer-compact.int8.onnx --data ...   # what the service runs
     python -m training.evaluate --checkpoint runs/ --data ...   # the model runs/latest.json names
+    python -m training.evaluate --checkpoint a.pt --checkpoint b.pt --data ... --tta tencrop   # an ensemble
 """
 
 from __future__ import annotations
@@ -96,11 +97,13 @@ def evaluate_split(
     bf16: bool = False,
 ) -> tuple[dict[str, Any], float]:
     """(classification report, mean cross-entropy) of ``model`` on ``split``."""
-    probs = predict_probs(model, torch.from_numpy(split.images), spec, batch_size, tta, bf16)
-    labels = torch.from_numpy(split.labels)
-    loss = F.nll_loss(probs.clamp_min(1e-8).log(), labels).item()
-    report = classification_report(split.labels, probs.argmax(1).numpy(), classes)
-    return report, loss
+    return score(predict_probs(model, torch.from_numpy(split.images), spec, batch_size, tta, bf16), split, classes)
+
+
+def score(probs: Tensor, split: Split, classes: tuple[str, ...]) -> tuple[dict[str, Any], float]:
+    """(classification report, mean cross-entropy) of class probabilities (N, C) for ``split``."""
+    loss = F.nll_loss(probs.clamp_min(1e-8).log(), torch.from_numpy(split.labels)).item()
+    return classification_report(split.labels, probs.argmax(1).numpy(), classes), loss
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,52 @@ def load_model(uri: str, device: torch.device) -> Loaded:
     return Loaded(model, ckpt.preprocessing, ckpt.classes, ckpt.run_id, ckpt.model.to_dict(), "pytorch fp32")
 
 
+def evaluate_members(loaded: list[Loaded], split: Split, tta: TTA, batch_size: int) -> tuple[dict[str, Any], float]:
+    """(report, loss) of one model, or of the ensemble of several: the mean of the members'
+    probabilities, each member normalising with its own spec. Evaluated without bf16, so the
+    figure does not depend on the CPU's bf16 support. An ensemble's report lists every member's
+    own figures."""
+    images = torch.from_numpy(split.images)
+    member_probs = [predict_probs(m.model, images, m.spec, batch_size, tta) for m in loaded]
+    report, loss = score(torch.stack(member_probs).mean(0), split, loaded[0].classes)
+    if len(loaded) > 1:
+        report["members"] = []
+        for m, probs in zip(loaded, member_probs, strict=True):
+            alone, _ = score(probs, split, m.classes)
+            report["members"].append({"run_id": m.run_id, "model": m.architecture, "precision": m.precision,
+                                      "accuracy": alone["accuracy"], "macro_f1": alone["macro_f1"]})  # fmt: skip
+    return report, loss
+
+
+def load_members(uris: list[str], device: torch.device) -> list[Loaded]:
+    """Every ``--checkpoint``; an ensemble's members must agree on the classes (the columns that
+    are averaged) and on the input size (the data is decoded once)."""
+    loaded = [load_model(uri, device) for uri in uris]
+    for uri, m in zip(uris[1:], loaded[1:], strict=True):
+        if m.classes != loaded[0].classes:
+            raise ValueError(f"{uri} predicts other classes than {uris[0]}: {m.classes}")
+        if m.spec.input_size != loaded[0].spec.input_size:
+            raise ValueError(f"{uri} takes {m.spec.input_size} px faces, {uris[0]} {loaded[0].spec.input_size} px")
+    return loaded
+
+
+def write_report(report: dict[str, Any], path: Path, classes: tuple[str, ...], title: str) -> None:
+    """The report as JSON, and its confusion matrix as a PNG beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    png = path.with_suffix(".png")
+    plot_confusion_matrix(report["confusion_matrix"], classes, png, f"{title}: acc {report['accuracy']:.3f}")
+    log.info("wrote %s and %s", path, png)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--checkpoint",
+        action="append",
         required=True,
-        help="model.pt or .onnx file, a folder holding latest.json (a training --output), or gs:// forms of these",
+        help="model.pt or .onnx file, a folder holding latest.json (a training --output), or gs:// forms of these; "
+        "repeat it to evaluate the ensemble of several (the mean of their probabilities)",
     )
     parser.add_argument("--data", required=True, help="zip, folder, fer2013.csv or gs:// URI")
     parser.add_argument("--split", default="test", help="train, test (PublicTest) or private_test (CSV only)")
@@ -146,18 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     runtime.configure_threads()
-    device = runtime.pick_device(args.device)
-    loaded = load_model(args.checkpoint, device)
-    data = load_fer2013(args.data, loaded.spec, skip_bad=args.skip_bad)
-    split = data[args.split]
-    # Evaluate without bf16 so the figure does not depend on the CPU's bf16 support.
-    report, loss = evaluate_split(loaded.model, split, loaded.spec, loaded.classes, args.tta, args.batch_size)
+    try:
+        loaded = load_members(args.checkpoint, runtime.pick_device(args.device))
+    except ValueError as e:
+        parser.error(str(e))
+    first = loaded[0]
+    data = load_fer2013(args.data, first.spec, skip_bad=args.skip_bad)
+    report, loss = evaluate_members(loaded, data[args.split], args.tta, args.batch_size)
+    single = len(loaded) == 1
     report.update(
         {
-            "checkpoint": args.checkpoint,
-            "run_id": loaded.run_id,
-            "model": loaded.architecture,
-            "precision": loaded.precision,
+            "checkpoint": args.checkpoint[0] if single else args.checkpoint,
+            "run_id": first.run_id if single else [m.run_id for m in loaded],
+            "model": first.architecture if single else f"ensemble of {len(loaded)}",
+            "precision": first.precision if single else sorted({m.precision for m in loaded}),
             "data": str(args.data),
             "dataset_fingerprint": data.fingerprint,
             "split": args.split,
@@ -166,19 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": data.skipped,
         }
     )
+    for uri, m in zip(args.checkpoint, report.get("members", []), strict=False):
+        m["checkpoint"] = uri  # snapshots of one run share its run id
     print(format_report(report))
+    for m in report.get("members", []):
+        print(f"  member {m['checkpoint']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
     if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(report, indent=2))
-        png = args.output_json.with_suffix(".png")
-        plot_confusion_matrix(
-            report["confusion_matrix"],
-            loaded.classes,
-            png,
-            f"{loaded.architecture.get('name')} ({loaded.precision}) on {args.split} (tta={args.tta}): "
-            f"acc {report['accuracy']:.3f}",
-        )
-        log.info("wrote %s and %s", args.output_json, png)
+        name = f"{first.architecture.get('name')} ({first.precision})" if single else f"ensemble of {len(loaded)}"
+        write_report(report, args.output_json, first.classes, f"{name} on {args.split} (tta={args.tta})")
     return 0
 
 

@@ -35,8 +35,7 @@ from fercore.storage import atomic_write
 from training import runtime
 from training.config import is_stored_teacher
 from training.data import Split, load_fer2013, train_val_split
-from training.evaluate import TTA, load_model, predict_probs
-from training.metrics import classification_report
+from training.evaluate import TTA, load_model, predict_probs, score
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ def predict_member(uri: str, train: Split, val: Split, tta: TTA, device: torch.d
 
 
 def scores(probs: Tensor, split: Split) -> dict[str, float]:
-    report = classification_report(split.labels, probs.argmax(1).numpy(), CLASS_NAMES)
+    report, _ = score(probs, split, CLASS_NAMES)
     return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
 
 

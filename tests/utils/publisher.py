@@ -1,10 +1,11 @@
 """A process that publishes runs one after another, for tests that kill it part-way.
 
-    python -m tests.utils.publisher OUTPUT --first 3 --count 50 --model-bytes 2000000 [--stall-at pointer]
+    python -m tests.utils.publisher OUTPUT --scratch DIR --first 3 --count 50 --model-bytes 2000000 [--stall-at pointer]
 
 Publishes ``run-003``, ``run-004``... to OUTPUT (a folder or ``gs://bucket/prefix``) with
 :func:`fercore.storage.publish_run` (which promotes unconditionally): each run's files, then
-``latest.json``, then the promotion history.
+``latest.json``, then the promotion history. Each run's files are written under ``--scratch`` first
+(a folder the test owns and removes: the tests SIGKILL this process, so it can clean up nothing).
 Each model is ``--model-bytes`` of random bytes (publishing does not read them). It prints
 ``publishing <run> <sha256>`` before each run and ``published <run>`` after it.
 
@@ -37,6 +38,7 @@ def _stall(run: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output")
+    parser.add_argument("--scratch", type=Path, required=True)
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--model-bytes", type=int, default=1_000_000)
@@ -63,17 +65,18 @@ def main(argv: list[str] | None = None) -> int:
 
         os.replace = stalling_replace  # type: ignore[assignment]
 
-    with tempfile.TemporaryDirectory(prefix="publisher-") as tmp:
-        for i in range(args.first, args.first + args.count):
-            run = current["run"] = f"run-{i:03d}"
-            folder = Path(tmp, run)
-            folder.mkdir()
-            data = os.urandom(args.model_bytes)
-            (folder / "model.pt").write_bytes(data)
-            (folder / "metrics.json").write_text('{"val_accuracy": 0.5}')
-            print(f"publishing {run} {hashlib.sha256(data).hexdigest()}", flush=True)
-            storage.publish_run(args.output, run, {"model.pt": folder / "model.pt", "metrics.json": folder / "metrics.json"})
-            print(f"published {run}", flush=True)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="publisher-", dir=args.scratch))  # one per process
+    for i in range(args.first, args.first + args.count):
+        run = current["run"] = f"run-{i:03d}"
+        folder = scratch / run
+        folder.mkdir()
+        data = os.urandom(args.model_bytes)
+        (folder / "model.pt").write_bytes(data)
+        (folder / "metrics.json").write_text('{"val_accuracy": 0.5}')
+        print(f"publishing {run} {hashlib.sha256(data).hexdigest()}", flush=True)
+        storage.publish_run(args.output, run, {"model.pt": folder / "model.pt", "metrics.json": folder / "metrics.json"})
+        print(f"published {run}", flush=True)
     return 0
 
 
