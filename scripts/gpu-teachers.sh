@@ -4,15 +4,17 @@
 #   scripts/gpu-teachers.sh pack ../shared/data/fer2013.zip .gpu/fer2013-train.tar.xz   # here, once
 #   scripts/gpu-teachers.sh train .gpu/fer2013-train.tar.xz OUT MINUTES [flags...]      # there
 #
-# pack: the zip's Training images as a tar.xz (~42 MB): with the repository (~24 MB) it fits the
-#   64 MiB that travels to the device machine, where the whole zip does not. PublicTest stays
-#   here: the members hold out 10% of Training to pick their best epoch (each its own 10%: the
-#   seed draws it), and their PublicTest figures are measured here afterwards.
+# pack: the zip's Training images as a tar.xz (~42 MB): with the repository's files (~23 MB) it
+#   fits the 64 MiB that travels to the device machine, where the whole zip does not; it fails if
+#   the two together do not. PublicTest stays here: each member holds out a tenth of Training to
+#   pick its best epoch (its seed draws which), and PublicTest figures are measured here afterwards.
 # train: unpacks DATA (a .tar.xz from pack; a zip or folder is used as it is), trains one compact
 #   network per seed side by side within MINUTES (python -m training.fleet; data and augmentation
-#   on the GPU), then copies each member's model.pt (as compact-s<seed>.pt; a member stopped at
-#   the deadline: its best.pt, as compact-s<seed>-best.pt), fleet.json and the log into OUT, flat, as the device tool brings files back (8 files at most). SEEDS="11 12 ..."
-#   sets the members (default five); extra flags go to training.fleet and on to training.train.
+#   on the GPU), and copies into OUT, flat, as the device tool brings files back (8 files at most):
+#   each member's model.pt as compact-s<seed>.pt (a member that did not finish: its best.pt so
+#   far, as compact-s<seed>-best.pt; fleet.json says why), fleet.json and fleet.log (the fleet's
+#   output, with the end of any failed member's log). SEEDS="11 12 ..." sets the members (five by
+#   default, six at most); extra flags go to training.fleet and on to training.train.
 set -euo pipefail
 usage() {
     echo "usage: $0 pack ZIP OUT.tar.xz | [SEEDS=\"11 12\"] $0 train DATA OUT MINUTES [flags...]" >&2
@@ -21,45 +23,78 @@ usage() {
 [ $# -ge 3 ] || usage
 python=${PYTHON:-python3}
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-tmp=$(mktemp -d)  # the unpacked images and the run folders, until they are copied out
-trap 'rm -rf "$tmp"' EXIT
+TRANSFER_LIMIT=$((64 * 1024 * 1024))  # bytes that travel to the device machine
+tmp=$(mktemp -d)  # the unpacked images and the run folders
+out=
+trap 'collect; rm -rf "$tmp"' EXIT
+trap 'exit 143' TERM INT  # so that the EXIT trap still brings back what there is
 
 pack() {
-    local zip=$1 out=$2
-    "$python" -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("train/")])' "$zip" "$tmp"
-    [ -d "$tmp/train" ] || { echo "$zip has no train/ folder" >&2; exit 1; }
-    mkdir -p "$(dirname "$out")"
-    tar -C "$tmp" -cf - train | xz -9 -T0 > "$out.part"
-    mv "$out.part" "$out"
-    echo "$out: $(du -h "$out" | cut -f1)"
+    local zip=$1 pack=$2 tracked
+    # Entries under train/, or under a wrapper folder's train/ (the loader takes both).
+    "$python" - "$zip" "$tmp" <<'EOF'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    names = [n for n in z.namelist() if "train" in n.split("/")[:2]]
+    if not names:
+        sys.exit(f"{sys.argv[1]} has no train/ folder")
+    z.extractall(sys.argv[2], names)
+EOF
+    mkdir -p "$(dirname "$pack")"
+    # Reproducible: the same zip gives the same bytes (names sorted, no owners or times).
+    tar -C "$tmp" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - . | xz -9 -T1 > "$pack.part"
+    mv "$pack.part" "$pack"
+    tracked=$(git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cat) | wc -c) || {
+        echo "not a git checkout: the size that travels is not checked" >&2
+        tracked=0
+    }
+    local total=$((tracked + $(wc -c < "$pack")))
+    echo "$pack: $(wc -c < "$pack") bytes; with the repository's $tracked: $total of $TRANSFER_LIMIT"
+    if [ "$total" -gt "$TRANSFER_LIMIT" ]; then
+        echo "too large to travel to the device machine" >&2
+        exit 1
+    fi
 }
 
 train() {
     [ $# -ge 3 ] || usage
-    local data=$1 out=$2 minutes=$3 work=$tmp
+    local data minutes=$3 seeds
+    data=$(realpath "$1")
+    out=$(realpath -m "$2")
     shift 3
-    if [[ $data == *.tar.xz ]]; then
-        tar -C "$work" -xJf "$data"
-        data=$work
+    read -r -a seeds <<< "${SEEDS:-11 12 13 14 15}"
+    if [ ${#seeds[@]} -gt 6 ]; then
+        echo "at most 6 seeds: 8 files come back from the device machine" >&2
+        exit 2
     fi
-    local members=()
-    for seed in ${SEEDS:-11 12 13 14 15}; do members+=(--member "$repo/configs/compact.yaml:$seed"); done
+    if [[ $data == *.tar.xz ]]; then
+        mkdir "$tmp/data"
+        tar -C "$tmp/data" -xJf "$data"
+        data=$tmp/data
+    fi
+    local members=() seed
+    for seed in "${seeds[@]}"; do members+=(--member "$repo/configs/compact.yaml:$seed"); done
     mkdir -p "$out"
-    local status=0
-    (cd "$repo" && PYTHONUNBUFFERED=1 "$python" -m training.fleet "${members[@]}" --data "$data" \
-        --output "$work/fleet" --minutes "$minutes" "$@") 2>&1 | tee "$out/fleet.log" || status=$?
+    cd "$repo"
+    PYTHONUNBUFFERED=1 "$python" -m training.fleet "${members[@]}" --data "$data" --output "$tmp/fleet" \
+        --minutes "$minutes" "$@" 2>&1 | tee "$out/fleet.log"
+}
+
+# Copy what the fleet made into OUT (on any exit: a member's best epoch is worth bringing back).
+collect() {
+    [ -n "$out" ] && [ -d "$tmp/fleet" ] || return 0
     local run seed
-    for run in "$work"/fleet/*-compact-s*/; do
+    for run in "$tmp"/fleet/*-compact-s*/; do
+        [ -d "$run" ] || continue
         seed=${run%/}
         seed=${seed##*-compact-s}
-        if [ -f "$run/model.pt" ]; then
+        if [ -f "$run/model.pt" ] && [ -f "$run/metrics.json" ]; then  # metrics.json: the run finished
             cp "$run/model.pt" "$out/compact-s$seed.pt"
-        elif [ -f "$run/best.pt" ]; then  # stopped at the deadline: its best epoch so far
+        elif [ -f "$run/best.pt" ]; then
             cp "$run/best.pt" "$out/compact-s$seed-best.pt"
         fi
     done
-    cp "$work/fleet/fleet.json" "$out/" 2>/dev/null || true
-    return "$status"
+    if [ -f "$tmp/fleet/fleet.json" ]; then cp "$tmp/fleet/fleet.json" "$out/"; fi
 }
 
 case $1 in

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -45,32 +46,51 @@ def test_members_train_side_by_side_for_the_planned_epochs(tmp_path: Path, capsy
     assert "compact-s2: 3 epochs, finished" in capsys.readouterr().out
 
 
-def outcome(tmp_path: Path, epoch_seconds: list[float], wall_s: float, returncode: int | None = 0) -> fleet.Outcome:
+def outcome(tmp_path: Path, epochs: list[tuple[float, float]], wall_s: float, returncode: int | None = 0) -> fleet.Outcome:
+    """A calibration that took ``wall_s``, its epochs (training s, validation s) in metrics.json."""
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
-    history = [{"epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(epoch_seconds)]
+    history = [{"epoch": i + 1, "epoch_seconds": t, "val_seconds": v} for i, (t, v) in enumerate(epochs)]
     (run / "metrics.json").write_text(json.dumps({"history": history}))
     return fleet.Outcome(fleet.Member(Path("compact.yaml"), 1), 2, returncode, wall_s, run)
 
 
 def test_planned_epochs_fit_what_is_left_at_the_calibrated_speed(tmp_path: Path) -> None:
-    # 10 s of training per epoch (the first, warming up, took 30) is 11.5 s with validation; what
-    # the calibration took beyond two such epochs (57 s: start-up, data, export) is paid again:
-    # (172 - 57) / 11.5 = 10.
-    calibrated = outcome(tmp_path, [30.0, 10.0], wall_s=57 + 2 * 11.5)
-    assert fleet.plan_epochs(calibrated, seconds_left=172, max_epochs=1000) == 10
-    assert fleet.plan_epochs(calibrated, seconds_left=172, max_epochs=4) == 4
-    assert fleet.plan_epochs(calibrated, seconds_left=20, max_epochs=1000) == 1  # at least one
-    with pytest.raises(fleet.CalibrationError, match="compact-s1 failed"):
-        fleet.plan_epochs(outcome(tmp_path, [30.0], wall_s=40, returncode=1), 172, 1000)
+    # The last epoch took 10 s of training and 1.5 s of validation (the first, warming up, 30 s);
+    # what the calibration took beyond two such epochs (57 s: start-up, data, export) is paid
+    # again, and 5% of the time left and the 10 s stop grace are kept free:
+    # (300 * 0.95 - 10 - 57) / 11.5 = 18.96 -> 18.
+    calibrated = outcome(tmp_path, [(30.0, 2.0), (10.0, 1.5)], wall_s=57 + 2 * 11.5)
+    assert fleet.plan_epochs(calibrated, seconds_left=300, max_epochs=1000) == 18
+    assert fleet.plan_epochs(calibrated, seconds_left=300, max_epochs=4) == 4
+    with pytest.raises(fleet.BudgetError, match="not one epoch of compact-s1"):
+        fleet.plan_epochs(calibrated, seconds_left=80, max_epochs=1000)
+    with pytest.raises(fleet.BudgetError, match="calibration of compact-s1 failed"):
+        fleet.plan_epochs(outcome(tmp_path, [(30.0, 2.0)], wall_s=40, returncode=1), 300, 1000)
+    with pytest.raises(fleet.BudgetError, match="ran out during the calibration of compact-s1"):
+        fleet.plan_epochs(outcome(tmp_path, [(30.0, 2.0)], wall_s=40, returncode=None), 300, 1000)
 
 
-def test_a_member_running_at_the_deadline_is_stopped(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    started = time.monotonic()
-    assert fleet._wait_until(proc, deadline=started + 0.5) is None
-    assert proc.poll() is not None  # gone, not left running
-    assert time.monotonic() - started < 60
+def spawn(code: str) -> subprocess.Popen[bytes]:
+    """A child in its own process group, as the fleet starts its members."""
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+
+
+def test_members_are_timed_each_and_stopped_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fleet, "STOP_GRACE_S", 1.0)
+    quick = spawn("pass")
+    sleeper = spawn("import time; time.sleep(600)")
+    stubborn = spawn(
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+    )
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"  # ignoring SIGTERM from here on
+    quick.wait()
+    procs = [sleeper, quick, stubborn]  # the quick one is not first: its time is its own, not the sleeper's
+    deadline = time.monotonic() + 1.0
+    ended = fleet.wait_all(procs, deadline)
+    assert set(ended) == {quick.pid} and ended[quick.pid] < deadline
+    fleet.stop(procs)
+    assert (sleeper.returncode, quick.returncode, stubborn.returncode) == (-signal.SIGTERM, 0, -signal.SIGKILL)
 
 
 @pytest.mark.parametrize(
@@ -83,10 +103,23 @@ def test_bad_members_are_refused(member: str, message: str, capsys: pytest.Captu
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_two_members_with_one_run_name_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--member", f"{CONFIG}:1"], "would share a run name"), (["--epochs", "5"], "the fleet sets"),
+     (["--epoch=5"], "the fleet sets"), (["--run_name", "x"], "the fleet sets"), (["--minutes", "0"], "must be positive")],
+)  # fmt: skip
+def test_bad_fleets_are_refused(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--member", f"{CONFIG}:1", "--data", "x.zip", "--output", str(tmp_path / "new"), "--minutes", "1"]
+    with pytest.raises(SystemExit) as exc:
+        fleet.main([*base, *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_fleet_starts_in_an_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "20261201-000000-compact-s1").mkdir()  # an earlier fleet's run: it would be taken for this one's
     with pytest.raises(SystemExit):
-        fleet.main(["--member", f"{CONFIG}:1", "--member", f"{CONFIG}:1", "--data", "x", "--output", "o", "--minutes", "1"])
-    assert "would share a run name" in capsys.readouterr().err
+        fleet.main(["--member", f"{CONFIG}:1", "--data", "x.zip", "--output", str(tmp_path), "--minutes", "1"])
+    assert "is not empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -94,12 +127,17 @@ def test_the_gpu_script_packs_training_images_and_brings_back_flat_files(tmp_pat
     """scripts/gpu-teachers.sh as the device call runs it, on CPU: pack here, train there."""
     script = Path(__file__).parents[1] / "scripts" / "gpu-teachers.sh"
     env = {**os.environ, "PYTHON": sys.executable, "SEEDS": "3 4"}
-    data = synthetic.write_zip(tmp_path / "archive.zip", synthetic.default_splits(per_class=8))
+    # In a wrapper folder, as some downloads have it.
+    data = synthetic.write_zip(tmp_path / "archive.zip", synthetic.default_splits(per_class=8), wrapper="fer2013/")
     packed = tmp_path / "gpu" / "train.tar.xz"
     subprocess.run(["bash", str(script), "pack", str(data), str(packed)], check=True, env=env)
     with tarfile.open(packed) as tar:
-        names = tar.getnames()
-    assert names and all(n.startswith("train") for n in names)  # PublicTest stays here
+        names = [n.removeprefix("./") for n in tar.getnames() if n != "."]
+    assert "fer2013/train/happy" in names and all(n.startswith("fer2013") for n in names)
+    assert not any("/test" in n for n in names)  # PublicTest stays here
+    again = tmp_path / "again.tar.xz"
+    subprocess.run(["bash", str(script), "pack", str(data), str(again)], check=True, env=env)
+    assert again.read_bytes() == packed.read_bytes()  # reproducible
 
     out = tmp_path / "out"
     cmd = ["bash", str(script), "train", str(packed), str(out), "10", "--max-epochs", "1", *TINY]

@@ -48,7 +48,7 @@ TINY = [
     "--mixup-alpha", "0.2", "--mix-prob", "0.5",
 ]  # fmt: skip
 # Fields of a history row that are timings, not results.
-TIMINGS = {"images_per_s", "epoch_seconds"}
+TIMINGS = {"images_per_s", "epoch_seconds", "val_seconds"}
 
 
 class Output:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -160,7 +161,8 @@ def test_evaluate_an_ensemble(data_zip: Path, tmp_path: Path, capsys: pytest.Cap
     first = out / storage.read_latest(out).run_id / "model.pt"
     ckpt = load_checkpoint(first)
     torch.manual_seed(1)
-    ckpt.state_dict = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    weights = {k for k, v in ckpt.state_dict.items() if v.is_floating_point() and "running_" not in k}  # not BN statistics
+    ckpt.state_dict = {k: v + 0.2 * torch.randn_like(v) if k in weights else v for k, v in ckpt.state_dict.items()}
     ckpt.run_id = "perturbed"
     save_checkpoint(ckpt, second := tmp_path / "second.pt")
 
@@ -187,13 +189,15 @@ def test_evaluate_an_ensemble(data_zip: Path, tmp_path: Path, capsys: pytest.Cap
     assert report_path.with_suffix(".png").stat().st_size > 1000
     assert f"member {second}: accuracy" in capsys.readouterr().out
 
-    # Members must answer with the same classes: their columns are averaged.
-    ckpt.classes = tuple(reversed(ckpt.classes))
-    save_checkpoint(ckpt, other := tmp_path / "other-classes.pt")
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--checkpoint", str(first), "--checkpoint", str(other), "--data", str(data_zip)])
-    assert exc.value.code == 2
-    assert "predicts other classes" in capsys.readouterr().err
+    # Members must answer with the same classes (their columns are averaged) and decode faces alike.
+    other_classes = dataclasses.replace(ckpt, classes=tuple(reversed(ckpt.classes)))
+    other_contrast = dataclasses.replace(ckpt, preprocessing=dataclasses.replace(ckpt.preprocessing, contrast="none"))
+    for other, message in [(other_classes, "predicts other classes"), (other_contrast, "decodes faces otherwise")]:
+        save_checkpoint(other, tmp_path / "other.pt")
+        with pytest.raises(SystemExit) as exc:
+            evaluate.main(["--checkpoint", str(first), "--checkpoint", str(tmp_path / "other.pt"), "--data", str(data_zip)])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_early_stopping(data_zip: Path, tmp_path: Path) -> None:

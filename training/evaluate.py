@@ -110,6 +110,7 @@ def score(probs: Tensor, split: Split, classes: tuple[str, ...]) -> tuple[dict[s
 class Loaded:
     """A model to evaluate and what the report says about it."""
 
+    uri: str  # as given: snapshots of one run share its run id
     model: Model
     spec: PreprocessSpec
     classes: tuple[str, ...]
@@ -125,10 +126,10 @@ def load_model(uri: str, device: torch.device) -> Loaded:
     if path.suffix == ".onnx":
         onnx_model = OnnxClassifier.load(path, threads=runtime.configure_threads())
         meta = onnx_model.meta
-        return Loaded(onnx_model, meta.preprocessing, meta.classes, meta.run_id, meta.architecture, meta.precision)
+        return Loaded(uri, onnx_model, meta.preprocessing, meta.classes, meta.run_id, meta.architecture, meta.precision)
     ckpt = load_checkpoint(path)
     model = build_model(ckpt).to(device).to(memory_format=torch.channels_last)
-    return Loaded(model, ckpt.preprocessing, ckpt.classes, ckpt.run_id, ckpt.model.to_dict(), "pytorch fp32")
+    return Loaded(uri, model, ckpt.preprocessing, ckpt.classes, ckpt.run_id, ckpt.model.to_dict(), "pytorch fp32")
 
 
 def evaluate_members(loaded: list[Loaded], split: Split, tta: TTA, batch_size: int) -> tuple[dict[str, Any], float]:
@@ -143,21 +144,32 @@ def evaluate_members(loaded: list[Loaded], split: Split, tta: TTA, batch_size: i
         report["members"] = []
         for m, probs in zip(loaded, member_probs, strict=True):
             alone, _ = score(probs, split, m.classes)
-            report["members"].append({"run_id": m.run_id, "model": m.architecture, "precision": m.precision,
-                                      "accuracy": alone["accuracy"], "macro_f1": alone["macro_f1"]})  # fmt: skip
+            report["members"].append({"checkpoint": m.uri, "run_id": m.run_id, "model": m.architecture,
+                                      "precision": m.precision, "accuracy": alone["accuracy"],
+                                      "macro_f1": alone["macro_f1"]})  # fmt: skip
     return report, loss
 
 
+class IncompatibleMembers(ValueError):
+    """Models that cannot be averaged as one ensemble."""
+
+
 def load_members(uris: list[str], device: torch.device) -> list[Loaded]:
-    """Every ``--checkpoint``; an ensemble's members must agree on the classes (the columns that
-    are averaged) and on the input size (the data is decoded once)."""
+    """Every model of an ensemble. They must agree on the classes (the columns that are averaged)
+    and on how a face is decoded (size, colour, contrast: the data is decoded once, with the first
+    member's spec); each normalises with its own mean and std."""
     loaded = [load_model(uri, device) for uri in uris]
-    for uri, m in zip(uris[1:], loaded[1:], strict=True):
-        if m.classes != loaded[0].classes:
-            raise ValueError(f"{uri} predicts other classes than {uris[0]}: {m.classes}")
-        if m.spec.input_size != loaded[0].spec.input_size:
-            raise ValueError(f"{uri} takes {m.spec.input_size} px faces, {uris[0]} {loaded[0].spec.input_size} px")
+    first = loaded[0]
+    for m in loaded[1:]:
+        if m.classes != first.classes:
+            raise IncompatibleMembers(f"{m.uri} predicts other classes than {first.uri}: {m.classes}")
+        if _decoding(m.spec) != _decoding(first.spec):
+            raise IncompatibleMembers(f"{m.uri} decodes faces otherwise than {first.uri}: {m.spec} vs {first.spec}")
     return loaded
+
+
+def _decoding(spec: PreprocessSpec) -> tuple[object, ...]:
+    return spec.input_size, spec.grayscale, spec.contrast
 
 
 def write_report(report: dict[str, Any], path: Path, classes: tuple[str, ...], title: str) -> None:
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure_threads()
     try:
         loaded = load_members(args.checkpoint, runtime.pick_device(args.device))
-    except ValueError as e:
+    except IncompatibleMembers as e:
         parser.error(str(e))
     first = loaded[0]
     data = load_fer2013(args.data, first.spec, skip_bad=args.skip_bad)
@@ -211,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": data.skipped,
         }
     )
-    for uri, m in zip(args.checkpoint, report.get("members", []), strict=False):
-        m["checkpoint"] = uri  # snapshots of one run share its run id
     print(format_report(report))
     for m in report.get("members", []):
         print(f"  member {m['checkpoint']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")

@@ -6,32 +6,41 @@ ensemble on a lent GPU (``scripts/gpu-teachers.sh``, docs/training.md).
 
 A member is ``CONFIG:SEED``. The members share the device, so how fast each one trains depends on
 the others: they first train two epochs together (the calibration, in ``OUT/calibration/``), then
-each trains from scratch for as many epochs as fit the rest of the budget at the speed it showed,
-so that its schedule ends inside the budget rather than being cut at a high learning rate
-(``--max-epochs`` caps that). A member still running at the deadline is stopped; the best epoch
-it reached stays in its run folder (``best.pt``). Flags not listed here go to every
-``training.train`` run. Writes one run folder per member (``--promote never``: they are teachers,
-not the served model) and ``OUT/fleet.json``.
+each trains from scratch for as many epochs as fit the rest of the budget, with a margin, at the
+speed it showed (training and validation), so that its schedule ends inside the budget rather
+than being cut at a high learning rate (``--max-epochs`` caps that). A member still running at the
+deadline is stopped; the best epoch it reached stays in its run folder (``best.pt``). Flags not
+listed here go to every ``training.train`` run, except those the fleet sets itself. Writes one run
+folder per member (``--promote never``: they are teachers, not the served model), each member's
+log, and ``OUT/fleet.json``; exits 1 unless every member finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_EPOCHS = 2
+MARGIN = 0.05  # of the time left, kept free for the run's jitter
 STOP_GRACE_S = 10.0  # between SIGTERM and SIGKILL at the deadline
-VALIDATION_SHARE = 1.15  # an epoch's wall time over its training time (validation, checkpoints)
+POLL_S = 0.5
+LOG_TAIL_LINES = 30
+# training.train flags that the fleet sets for every member (their underscore forms too).
+OWN_FLAGS = ("--config", "--seed", "--run-name", "--epochs", "--data", "--output", "--promote", "--resume")
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,7 @@ class Member:
 
     @property
     def name(self) -> str:
-        return f"{self.config.stem}-s{self.seed}"  # training.train names the run <time>-<stem>-s<seed>
+        return f"{self.config.stem}-s{self.seed}"  # training.train's run ids end in <run name>-s<seed>
 
 
 def parse_member(text: str) -> Member:
@@ -53,8 +62,8 @@ def parse_member(text: str) -> Member:
     return Member(Path(config), int(seed))
 
 
-class CalibrationError(RuntimeError):
-    """A member did not get through its calibration epochs."""
+class BudgetError(RuntimeError):
+    """The budget does not fit what a member needs."""
 
 
 @dataclass
@@ -64,7 +73,7 @@ class Outcome:
     member: Member
     epochs: int
     returncode: int | None  # None: stopped at the deadline
-    wall_s: float
+    wall_s: float  # from the start of all members to this one's exit
     run: Path | None  # its run folder, once it made one
 
     def metrics(self) -> dict[str, Any]:
@@ -78,54 +87,94 @@ def train_together(
     """Run one ``training.train`` per member at once; stop those still running at ``deadline``."""
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    procs = []
-    for member, n in zip(members, epochs, strict=True):
-        cmd = [sys.executable, "-m", "training.train", "--config", str(member.config), "--seed", str(member.seed),
-               "--run-name", member.config.stem, "--epochs", str(n), "--data", data, "--output", str(output),
-               "--promote", "never", *extra]  # fmt: skip
-        with (output / f"{member.name}.log").open("ab") as logfile:
-            procs.append(subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for member, n in zip(members, epochs, strict=True):
+            cmd = [sys.executable, "-m", "training.train", "--config", str(member.config), "--seed", str(member.seed),
+                   "--run-name", member.config.stem, "--epochs", str(n), "--data", data, "--output", str(output),
+                   "--promote", "never", *extra]  # fmt: skip
+            with (output / f"{member.name}.log").open("ab") as logfile:
+                # Its own process group: the deadline stops the compile workers it may start too.
+                procs.append(subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True))
+        ended = wait_all(procs, deadline)
+    finally:
+        stop(procs)  # on any way out (an error, Ctrl-C), no member is left running on the device
     outcomes = []
     for member, n, proc in zip(members, epochs, procs, strict=True):
-        code = _wait_until(proc, deadline)
-        outcomes.append(Outcome(member, n, code, time.monotonic() - started, _run_folder(output, member)))
+        end = ended.get(proc.pid)
+        code = proc.returncode if end is not None else None
+        outcomes.append(Outcome(member, n, code, (end or time.monotonic()) - started, run_folder(output, member)))
         how = "stopped at the deadline" if code is None else f"exit {code}"
         log.info("%s: %s after %.0f s", member.name, how, outcomes[-1].wall_s)
+        if code != 0:
+            log.warning("the end of %s:\n%s", output / f"{member.name}.log", _tail(output / f"{member.name}.log"))
     return outcomes
 
 
-def _wait_until(proc: subprocess.Popen[bytes], deadline: float) -> int | None:
-    try:
-        return proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
-    except subprocess.TimeoutExpired:
-        proc.terminate()
+def wait_all(procs: list[subprocess.Popen[bytes]], deadline: float) -> dict[int, float]:
+    """When each process exited (monotonic clock, by pid), for those that did by ``deadline``."""
+    ended: dict[int, float] = {}
+    while True:
+        for proc in procs:
+            if proc.pid not in ended and proc.poll() is not None:
+                ended[proc.pid] = time.monotonic()
+        left = deadline - time.monotonic()
+        if len(ended) == len(procs) or left <= 0:
+            return ended
+        time.sleep(min(POLL_S, left))  # a poll, not a wait for something: exits are seen within POLL_S
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every process group still running, then SIGKILL to those left after the grace."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
+        _signal_group(proc, signal.SIGTERM)
+    grace_end = time.monotonic() + STOP_GRACE_S
+    for proc in running:
         try:
-            proc.wait(timeout=STOP_GRACE_S)
+            proc.wait(timeout=max(grace_end - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
-        return None
 
 
-def _run_folder(output: Path, member: Member) -> Path | None:
-    runs = sorted(output.glob(f"*-{member.name}"))  # run ids start with their UTC time
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+        os.killpg(proc.pid, sig)
+
+
+def run_folder(output: Path, member: Member) -> Path | None:
+    """The member's run folder: ``<UTC time>-<run name>-s<seed>`` (``--output`` starts empty)."""
+    pattern = re.compile(r"\d{8}-\d{6}-" + re.escape(member.name))
+    runs = sorted(p for p in output.iterdir() if p.is_dir() and pattern.fullmatch(p.name))
     return runs[-1] if runs else None
 
 
+def _tail(path: Path) -> str:
+    lines = path.read_text(errors="replace").replace("\r", "\n").splitlines() if path.is_file() else []
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
 def plan_epochs(calibration: Outcome, seconds_left: float, max_epochs: int) -> int:
-    """Epochs of a fresh run that fit ``seconds_left`` at the speed the calibration showed: its last
-    epoch's training time (the first one pays for warm-up) plus validation per epoch, after the
-    fixed costs (start-up, data, export) that the calibration paid too."""
+    """Epochs of a fresh run that fit ``seconds_left`` (less a margin and the stop grace) at the
+    speed of the calibration's last epoch, training and validation (the first one pays for
+    warm-up), after the costs beyond its epochs (start-up, data, warm-up, export), paid again."""
     history = calibration.metrics().get("history", [])
+    name = calibration.member.name
+    if calibration.returncode is None:
+        raise BudgetError(f"the budget ran out during the calibration of {name}")
     if calibration.returncode != 0 or len(history) < CALIBRATION_EPOCHS:
-        name, code = calibration.member.name, calibration.returncode
-        raise CalibrationError(f"the calibration of {name} failed (exit {code}); see its log")
-    per_epoch = history[-1]["epoch_seconds"] * VALIDATION_SHARE
+        raise BudgetError(f"the calibration of {name} failed (exit {calibration.returncode}); see its log above")
+    per_epoch = history[-1]["epoch_seconds"] + history[-1]["val_seconds"]
     fixed = max(calibration.wall_s - per_epoch * CALIBRATION_EPOCHS, 0.0)
-    return max(1, min(max_epochs, math.floor((seconds_left - fixed) / per_epoch)))
+    fits = math.floor((seconds_left * (1 - MARGIN) - STOP_GRACE_S - fixed) / per_epoch)
+    if fits < 1:
+        raise BudgetError(f"the budget leaves {seconds_left:.0f} s: not one epoch of {name} ({per_epoch:.0f} s + {fixed:.0f} s)")
+    return min(fits, max_epochs)
 
 
 def run_fleet(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    """Calibrate, train every member for its planned epochs, write ``fleet.json``; returns its content."""
     start = time.monotonic()
     deadline = start + args.minutes * 60
     members: list[Member] = args.member
@@ -135,7 +184,7 @@ def run_fleet(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     planned = {m.name: e for m, e in zip(members, epochs, strict=True)}
     log.info("calibrated in %.0f s; epochs: %s", time.monotonic() - start, planned)
     outcomes = train_together(members, epochs, args.data, args.output, extra, deadline)
-    report = {"minutes": args.minutes, "wall_s": time.monotonic() - start, "members": [_summary(o) for o in outcomes]}
+    report = {"minutes": args.minutes, "wall_s": round(time.monotonic() - start, 1), "members": [_summary(o) for o in outcomes]}
     (args.output / "fleet.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -144,7 +193,8 @@ def _summary(outcome: Outcome) -> dict[str, Any]:
     metrics = outcome.metrics()
     return {
         "member": outcome.member.name,
-        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(outcome.member).items()},
+        "config": str(outcome.member.config),
+        "seed": outcome.member.seed,
         "epochs": outcome.epochs,
         "finished": outcome.returncode == 0,
         "returncode": outcome.returncode,
@@ -156,21 +206,34 @@ def _summary(outcome: Outcome) -> dict[str, Any]:
     }
 
 
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    names = [m.name for m in args.member]
+    if len(set(names)) != len(names):
+        parser.error(f"two members would share a run name: {names}")
+    for token in extra:
+        flag = token.split("=", 1)[0].replace("_", "-")
+        # training.train takes unambiguous prefixes of its flags too (--epoch for --epochs).
+        if flag.startswith("--") and len(flag) > 2 and any(own.startswith(flag) for own in OWN_FLAGS):
+            parser.error(f"{token}: the fleet sets {', '.join(OWN_FLAGS)} for every member")
+    if args.minutes <= 0 or args.max_epochs < 1:
+        parser.error("--minutes must be positive and --max-epochs at least 1")
+    if args.output.exists() and any(args.output.iterdir()):
+        parser.error(f"{args.output} is not empty: the fleet finds its members' runs there")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--member", type=parse_member, action="append", required=True, help="CONFIG:SEED; repeat")
     parser.add_argument("--data", required=True, help="FER2013 zip, folder, fer2013.csv, or gs:// URI of one")
-    parser.add_argument("--output", type=Path, required=True, help="a local folder: the members' run folders")
+    parser.add_argument("--output", type=Path, required=True, help="a new or empty local folder: the members' runs")
     parser.add_argument("--minutes", type=float, required=True, help="the wall-clock budget, calibration included")
     parser.add_argument("--max-epochs", type=int, default=1000, help="no member trains longer than this")
     args, extra = parser.parse_known_args(argv)
-    names = [m.name for m in args.member]
-    if len(set(names)) != len(names):
-        parser.error(f"two members would share a run name: {names}")
+    _check(parser, args, extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = run_fleet(args, extra)
-    except CalibrationError as e:
+    except BudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for m in report["members"]:

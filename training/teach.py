@@ -35,7 +35,7 @@ from fercore.storage import atomic_write
 from training import runtime
 from training.config import is_stored_teacher
 from training.data import Split, load_fer2013, train_val_split
-from training.evaluate import TTA, load_model, predict_probs, score
+from training.evaluate import TTA, IncompatibleMembers, Loaded, load_members, predict_probs, score
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,9 @@ class Member:
     val_probs: Tensor  # (N_val, C)
 
 
-def predict_member(uri: str, train: Split, val: Split, tta: TTA, device: torch.device) -> Member:
-    loaded = load_model(uri, device)
-    if loaded.classes != CLASS_NAMES:
-        raise ValueError(f"{uri} predicts other classes: {loaded.classes}")
-    bf16 = runtime.use_bf16("auto", device)  # as training validates: ~3x faster on CPUs with native bf16
+def predict_member(loaded: Loaded, train: Split, val: Split, tta: TTA, bf16: bool) -> Member:
     probs = [predict_probs(loaded.model, torch.from_numpy(s.images), loaded.spec, tta=tta, bf16=bf16) for s in (train, val)]
-    return Member(uri, loaded.run_id, *probs)
+    return Member(loaded.uri, loaded.run_id, *probs)
 
 
 def scores(probs: Tensor, split: Split) -> dict[str, float]:
@@ -127,12 +123,16 @@ def build_teacher(args: argparse.Namespace) -> dict[str, Any]:
     beside it); returns the report."""
     uris, output, tta = args.checkpoint, args.output, args.tta
     device = runtime.pick_device("auto")
-    data = load_fer2013(args.data, PreprocessSpec(), skip_bad=args.skip_bad)
+    loaded = load_members(uris, device)
+    if loaded[0].classes != CLASS_NAMES:  # the stored columns are read in this order
+        raise IncompatibleMembers(f"{uris[0]} predicts other classes: {loaded[0].classes}")
+    data = load_fer2013(args.data, loaded[0].spec, skip_bad=args.skip_bad)
     train, val, val_desc = train_val_split(data, args.val_fraction, args.seed)
+    bf16 = runtime.use_bf16("auto", device)  # as training validates: ~3x faster on CPUs with native bf16
     members = []
-    for i, uri in enumerate(uris, 1):
-        members.append(predict_member(uri, train, val, tta, device))
-        log.info("member %d/%d %s: val acc %.4f", i, len(uris), uri, scores(members[-1].val_probs, val)["accuracy"])
+    for i, m in enumerate(loaded, 1):
+        members.append(predict_member(m, train, val, tta, bf16))
+        log.info("member %d/%d %s: val acc %.4f", i, len(uris), m.uri, scores(members[-1].val_probs, val)["accuracy"])
     train_probs = torch.stack([m.train_probs for m in members]).mean(0)
     val_probs = torch.stack([m.val_probs for m in members]).mean(0)
     report = {
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--output must end in .npz")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = build_teacher(args)
+    try:
+        report = build_teacher(args)
+    except IncompatibleMembers as exc:
+        parser.error(str(exc))
     for m in report["members"]:
         print(f"{m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  {m['uri']}")
     e = report["ensemble"]

@@ -435,10 +435,12 @@ def validate(run: Run, model: nn.Module) -> tuple[dict[str, Any], float]:
 
 def end_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
     """Validate, record the epoch, write best.pt (if better), a snapshot (at a cycle's end) and last.pt, log it."""
+    start = time.perf_counter()
     report, val_loss = validate(run, run.selected)
     row = {"epoch": epoch, **stats, "val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
     if run.ema is not None:  # the raw weights' figure too: what the average adds, in the same run
         row["val_accuracy_raw"] = validate(run, run.model)[0]["accuracy"]
+    row["val_seconds"] = time.perf_counter() - start
     state = run.state
     state.history.append(row)
     state.epoch = epoch
