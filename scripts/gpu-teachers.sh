@@ -13,7 +13,7 @@
 #   on the GPU), and copies into OUT, flat, as the device tool brings files back (8 files at most):
 #   each member's model.pt as compact-s<seed>.pt (a member that did not finish: its best.pt so
 #   far, as compact-s<seed>-best.pt; fleet.json says why), fleet.json and fleet.log (the fleet's
-#   output, with the end of any failed member's log). SEEDS="11 12 ..." sets the members (five by
+#   output, with the end of any failed member's log), also when stopped by a signal. SEEDS="11 12 ..." sets the members (five by
 #   default, six at most); extra flags go to training.fleet and on to training.train.
 set -euo pipefail
 usage() {
@@ -26,11 +26,23 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 TRANSFER_LIMIT=$((64 * 1024 * 1024))  # bytes that travel to the device machine
 tmp=$(mktemp -d)  # the unpacked images and the run folders
 out=
+fleet=
 trap 'collect; rm -rf "$tmp"' EXIT
-trap 'exit 143' TERM INT  # so that the EXIT trap still brings back what there is
+# A signal stops the fleet (which stops its members) before the EXIT trap brings back what there is.
+trap 'stop_fleet 143' TERM
+trap 'stop_fleet 130' INT
+
+stop_fleet() {
+    if [ -n "$fleet" ]; then
+        kill -TERM "$fleet" 2>/dev/null || true
+        wait "$fleet" || true
+    fi
+    exit "$1"
+}
 
 pack() {
     local zip=$1 pack=$2 tracked
+    [ -f "$zip" ] || { echo "$zip: no such file" >&2; exit 1; }
     # Entries under train/, or under a wrapper folder's train/ (the loader takes both).
     "$python" - "$zip" "$tmp" <<'EOF'
 import sys, zipfile
@@ -44,16 +56,26 @@ EOF
     # Reproducible: the same zip gives the same bytes (names sorted, no owners or times).
     tar -C "$tmp" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - . | xz -9 -T1 > "$pack.part"
     mv "$pack.part" "$pack"
-    tracked=$(git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cat) | wc -c) || {
-        echo "not a git checkout: the size that travels is not checked" >&2
-        tracked=0
-    }
+    tracked=$(repository_bytes)
     local total=$((tracked + $(wc -c < "$pack")))
     echo "$pack: $(wc -c < "$pack") bytes; with the repository's $tracked: $total of $TRANSFER_LIMIT"
     if [ "$total" -gt "$TRANSFER_LIMIT" ]; then
         echo "too large to travel to the device machine" >&2
         exit 1
     fi
+}
+
+# What travels with the pack: the checkout's files that git does not ignore.
+repository_bytes() {
+    "$python" - "$repo" <<'EOF'
+import os, subprocess, sys
+listed = subprocess.run(["git", "-C", sys.argv[1], "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                        capture_output=True)
+if listed.returncode:
+    sys.exit(f"cannot list the files that travel with git: {listed.stderr.decode().strip()}")
+paths = [os.path.join(sys.argv[1], p) for p in listed.stdout.decode().split("\0") if p]
+print(sum(os.path.getsize(p) for p in paths if os.path.isfile(p)))
+EOF
 }
 
 train() {
@@ -76,8 +98,15 @@ train() {
     for seed in "${seeds[@]}"; do members+=(--member "$repo/configs/compact.yaml:$seed"); done
     mkdir -p "$out"
     cd "$repo"
+    # In the background, so that a signal's trap runs at once rather than when the fleet ends.
     PYTHONUNBUFFERED=1 "$python" -m training.fleet "${members[@]}" --data "$data" --output "$tmp/fleet" \
-        --minutes "$minutes" "$@" 2>&1 | tee "$out/fleet.log"
+        --minutes "$minutes" "$@" > "$out/fleet.log" 2>&1 &
+    fleet=$!
+    tail -f -n +1 --pid="$fleet" "$out/fleet.log" &  # its progress, here too
+    local tailer=$! status=0
+    wait "$fleet" || status=$?  # the builtin wait, unlike a foreground command, lets a trap run at once
+    wait "$tailer" || true
+    return "$status"
 }
 
 # Copy what the fleet made into OUT (on any exit: a member's best epoch is worth bringing back).
@@ -89,12 +118,12 @@ collect() {
         seed=${run%/}
         seed=${seed##*-compact-s}
         if [ -f "$run/model.pt" ] && [ -f "$run/metrics.json" ]; then  # metrics.json: the run finished
-            cp "$run/model.pt" "$out/compact-s$seed.pt"
+            cp "$run/model.pt" "$out/compact-s$seed.pt" || echo "could not copy $run/model.pt" >&2
         elif [ -f "$run/best.pt" ]; then
-            cp "$run/best.pt" "$out/compact-s$seed-best.pt"
+            cp "$run/best.pt" "$out/compact-s$seed-best.pt" || echo "could not copy $run/best.pt" >&2
         fi
     done
-    if [ -f "$tmp/fleet/fleet.json" ]; then cp "$tmp/fleet/fleet.json" "$out/"; fi
+    if [ -f "$tmp/fleet/fleet.json" ]; then cp "$tmp/fleet/fleet.json" "$out/" || true; fi
 }
 
 case $1 in

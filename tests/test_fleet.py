@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,13 +47,13 @@ def test_members_train_side_by_side_for_the_planned_epochs(tmp_path: Path, capsy
     assert "compact-s2: 3 epochs, finished" in capsys.readouterr().out
 
 
-def outcome(tmp_path: Path, epochs: list[tuple[float, float]], wall_s: float, returncode: int | None = 0) -> fleet.Outcome:
+def outcome(tmp_path: Path, epochs: list[tuple[float, float]], wall_s: float, returncode: int = 0) -> fleet.Outcome:
     """A calibration that took ``wall_s``, its epochs (training s, validation s) in metrics.json."""
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
     history = [{"epoch": i + 1, "epoch_seconds": t, "val_seconds": v} for i, (t, v) in enumerate(epochs)]
     (run / "metrics.json").write_text(json.dumps({"history": history}))
-    return fleet.Outcome(fleet.Member(Path("compact.yaml"), 1), 2, returncode, wall_s, run)
+    return fleet.Outcome(fleet.Member(Path("compact.yaml"), 1), 2, returncode, returncode < 0, wall_s, run)
 
 
 def test_planned_epochs_fit_what_is_left_at_the_calibrated_speed(tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_planned_epochs_fit_what_is_left_at_the_calibrated_speed(tmp_path: Path)
     with pytest.raises(fleet.BudgetError, match="calibration of compact-s1 failed"):
         fleet.plan_epochs(outcome(tmp_path, [(30.0, 2.0)], wall_s=40, returncode=1), 300, 1000)
     with pytest.raises(fleet.BudgetError, match="ran out during the calibration of compact-s1"):
-        fleet.plan_epochs(outcome(tmp_path, [(30.0, 2.0)], wall_s=40, returncode=None), 300, 1000)
+        fleet.plan_epochs(outcome(tmp_path, [(30.0, 2.0)], wall_s=40, returncode=-signal.SIGTERM), 300, 1000)
 
 
 def spawn(code: str) -> subprocess.Popen[bytes]:
@@ -76,21 +77,78 @@ def spawn(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
 
 
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, waiting for a parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Whether ``condition`` holds within ``timeout`` (checked every 0.1 s)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_members_are_timed_each_and_stopped_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fleet, "STOP_GRACE_S", 1.0)
     quick = spawn("pass")
-    sleeper = spawn("import time; time.sleep(600)")
+    # A member with a worker of its own (as torch.compile starts): stopping the member stops it too.
+    sleeper = spawn("import subprocess, time\np = subprocess.Popen(['sleep', '600'])\nprint(p.pid, flush=True)\ntime.sleep(600)")
     stubborn = spawn(
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(600)"
     )
-    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"  # ignoring SIGTERM from here on
-    quick.wait()
     procs = [sleeper, quick, stubborn]  # the quick one is not first: its time is its own, not the sleeper's
-    deadline = time.monotonic() + 1.0
-    ended = fleet.wait_all(procs, deadline)
-    assert set(ended) == {quick.pid} and ended[quick.pid] < deadline
-    fleet.stop(procs)
+    try:
+        assert sleeper.stdout is not None and stubborn.stdout is not None
+        worker = int(sleeper.stdout.readline())
+        assert stubborn.stdout.readline() == b"ready\n"  # ignoring SIGTERM from here on
+        quick.wait()
+        deadline = time.monotonic() + 3.0
+        ended = fleet.wait_all(procs, deadline)
+        assert set(ended) == {quick.pid} and ended[quick.pid] < deadline
+    finally:
+        stopped = fleet.stop(procs)
+    assert stopped == {sleeper.pid, stubborn.pid}
     assert (sleeper.returncode, quick.returncode, stubborn.returncode) == (-signal.SIGTERM, 0, -signal.SIGKILL)
+    assert eventually(lambda: gone(worker))
+
+
+@pytest.mark.slow
+def test_a_fleet_stopped_by_sigterm_stops_its_members(tmp_path: Path) -> None:
+    data = synthetic.write_zip(tmp_path / "archive.zip", synthetic.default_splits(per_class=8))
+    out = tmp_path / "fleet"
+    cmd = [sys.executable, "-m", "training.fleet", "--member", f"{CONFIG}:1", "--member", f"{CONFIG}:2",
+           "--data", str(data), "--output", str(out), "--minutes", "30", *TINY]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(CONFIG).parents[1])
+    try:
+        # The members are running once both have written to their logs.
+        logs = [out / "calibration" / f"compact-s{seed}.log" for seed in (1, 2)]
+        assert eventually(lambda: all(p.is_file() and p.stat().st_size for p in logs), timeout=120)
+        members = [pid for pid in _pids() if str(out) in _cmdline(pid) and pid != proc.pid]
+        assert len(members) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert eventually(lambda: all(gone(pid) for pid in members))
+    assert not list(out.glob("calibration/*/metrics.json"))  # stopped, rather than left to finish
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @pytest.mark.parametrize(
@@ -119,7 +177,7 @@ def test_a_fleet_starts_in_an_empty_folder(tmp_path: Path, capsys: pytest.Captur
     (tmp_path / "20261201-000000-compact-s1").mkdir()  # an earlier fleet's run: it would be taken for this one's
     with pytest.raises(SystemExit):
         fleet.main(["--member", f"{CONFIG}:1", "--data", "x.zip", "--output", str(tmp_path), "--minutes", "1"])
-    assert "is not empty" in capsys.readouterr().err
+    assert "is not an empty folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

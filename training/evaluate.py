@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fercore.artifact import resolve_model
-from fercore.checkpoint import build_model, load_checkpoint
+from fercore.artifact import ModelLoadError, resolve_model
+from fercore.checkpoint import CheckpointError, build_model, load_checkpoint
 from fercore.classifier import OnnxClassifier
 from fercore.preprocessing import PreprocessSpec, normalize
 from training import runtime
@@ -163,12 +163,13 @@ def load_members(uris: list[str], device: torch.device) -> list[Loaded]:
     for m in loaded[1:]:
         if m.classes != first.classes:
             raise IncompatibleMembers(f"{m.uri} predicts other classes than {first.uri}: {m.classes}")
-        if _decoding(m.spec) != _decoding(first.spec):
+        if decoding(m.spec) != decoding(first.spec):
             raise IncompatibleMembers(f"{m.uri} decodes faces otherwise than {first.uri}: {m.spec} vs {first.spec}")
     return loaded
 
 
-def _decoding(spec: PreprocessSpec) -> tuple[object, ...]:
+def decoding(spec: PreprocessSpec) -> tuple[object, ...]:
+    """What of a spec shapes the decoded faces (mean and std are applied later, per model)."""
     return spec.input_size, spec.grayscale, spec.contrast
 
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure_threads()
     try:
         loaded = load_members(args.checkpoint, runtime.pick_device(args.device))
-    except IncompatibleMembers as e:
+    except (IncompatibleMembers, CheckpointError, ModelLoadError) as e:
         parser.error(str(e))
     first = loaded[0]
     data = load_fer2013(args.data, first.spec, skip_bad=args.skip_bad)

@@ -72,13 +72,18 @@ class Outcome:
 
     member: Member
     epochs: int
-    returncode: int | None  # None: stopped at the deadline
-    wall_s: float  # from the start of all members to this one's exit
+    returncode: int
+    stopped: bool  # still running at the deadline, so stopped
+    wall_s: float  # from the start of all members to this one's exit (or stop)
     run: Path | None  # its run folder, once it made one
 
     def metrics(self) -> dict[str, Any]:
+        """Its metrics.json; empty if it wrote none (or was stopped while writing it)."""
         path = self.run / "metrics.json" if self.run else None
-        return json.loads(path.read_text()) if path and path.is_file() else {}
+        try:
+            return json.loads(path.read_text()) if path and path.is_file() else {}
+        except json.JSONDecodeError:
+            return {}
 
 
 def train_together(
@@ -98,15 +103,15 @@ def train_together(
                 procs.append(subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True))
         ended = wait_all(procs, deadline)
     finally:
-        stop(procs)  # on any way out (an error, Ctrl-C), no member is left running on the device
+        stopped = stop(procs)  # on any way out (an error, Ctrl-C, SIGTERM), no member is left running
     outcomes = []
     for member, n, proc in zip(members, epochs, procs, strict=True):
-        end = ended.get(proc.pid)
-        code = proc.returncode if end is not None else None
-        outcomes.append(Outcome(member, n, code, (end or time.monotonic()) - started, run_folder(output, member)))
-        how = "stopped at the deadline" if code is None else f"exit {code}"
+        end = ended.get(proc.pid, time.monotonic())
+        was_stopped = proc.pid in stopped and proc.returncode < 0  # one that exited 0 meanwhile finished
+        outcomes.append(Outcome(member, n, proc.returncode, was_stopped, end - started, run_folder(output, member)))
+        how = "stopped at the deadline" if was_stopped else f"exit {proc.returncode}"
         log.info("%s: %s after %.0f s", member.name, how, outcomes[-1].wall_s)
-        if code != 0:
+        if proc.returncode != 0:
             log.warning("the end of %s:\n%s", output / f"{member.name}.log", _tail(output / f"{member.name}.log"))
     return outcomes
 
@@ -124,8 +129,9 @@ def wait_all(procs: list[subprocess.Popen[bytes]], deadline: float) -> dict[int,
         time.sleep(min(POLL_S, left))  # a poll, not a wait for something: exits are seen within POLL_S
 
 
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to every process group still running, then SIGKILL to those left after the grace."""
+def stop(procs: list[subprocess.Popen[bytes]]) -> set[int]:
+    """SIGTERM to the process group of each process still running, then SIGKILL to those left after
+    the grace; returns the pids signalled."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
         _signal_group(proc, signal.SIGTERM)
@@ -136,6 +142,7 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
+    return {p.pid for p in running}
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -161,7 +168,7 @@ def plan_epochs(calibration: Outcome, seconds_left: float, max_epochs: int) -> i
     warm-up), after the costs beyond its epochs (start-up, data, warm-up, export), paid again."""
     history = calibration.metrics().get("history", [])
     name = calibration.member.name
-    if calibration.returncode is None:
+    if calibration.stopped:
         raise BudgetError(f"the budget ran out during the calibration of {name}")
     if calibration.returncode != 0 or len(history) < CALIBRATION_EPOCHS:
         raise BudgetError(f"the calibration of {name} failed (exit {calibration.returncode}); see its log above")
@@ -197,6 +204,7 @@ def _summary(outcome: Outcome) -> dict[str, Any]:
         "seed": outcome.member.seed,
         "epochs": outcome.epochs,
         "finished": outcome.returncode == 0,
+        "stopped": outcome.stopped,
         "returncode": outcome.returncode,
         "wall_s": round(outcome.wall_s, 1),
         "run": str(outcome.run) if outcome.run else None,
@@ -217,8 +225,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: lis
             parser.error(f"{token}: the fleet sets {', '.join(OWN_FLAGS)} for every member")
     if args.minutes <= 0 or args.max_epochs < 1:
         parser.error("--minutes must be positive and --max-epochs at least 1")
-    if args.output.exists() and any(args.output.iterdir()):
-        parser.error(f"{args.output} is not empty: the fleet finds its members' runs there")
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        parser.error(f"{args.output} is not an empty folder: the fleet finds its members' runs there")
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     _check(parser, args, extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a timeout, the script's trap) unwinds like Ctrl-C, so the members are stopped too:
+    # they run in their own process groups, which a signal to this one does not reach.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         report = run_fleet(args, extra)
     except BudgetError as e:

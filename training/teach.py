@@ -28,14 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fercore.checkpoint import build_model, load_checkpoint
+from fercore.artifact import ModelLoadError
+from fercore.checkpoint import CheckpointError, build_model, load_checkpoint
 from fercore.labels import CLASS_NAMES
 from fercore.preprocessing import PreprocessSpec
 from fercore.storage import atomic_write
 from training import runtime
 from training.config import is_stored_teacher
 from training.data import Split, load_fer2013, train_val_split
-from training.evaluate import TTA, IncompatibleMembers, Loaded, load_members, predict_probs, score
+from training.evaluate import TTA, IncompatibleMembers, Loaded, decoding, load_members, predict_probs, score
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,10 @@ def build_teacher(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_members(uris, device)
     if loaded[0].classes != CLASS_NAMES:  # the stored columns are read in this order
         raise IncompatibleMembers(f"{uris[0]} predicts other classes: {loaded[0].classes}")
-    data = load_fer2013(args.data, loaded[0].spec, skip_bad=args.skip_bad)
+    spec = PreprocessSpec()  # as training decodes the faces whose rows are stored
+    if decoding(loaded[0].spec) != decoding(spec):
+        raise IncompatibleMembers(f"{uris[0]} decodes faces otherwise than training does: {loaded[0].spec}")
+    data = load_fer2013(args.data, spec, skip_bad=args.skip_bad)
     train, val, val_desc = train_val_split(data, args.val_fraction, args.seed)
     bf16 = runtime.use_bf16("auto", device)  # as training validates: ~3x faster on CPUs with native bf16
     members = []
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     try:
         report = build_teacher(args)
-    except IncompatibleMembers as exc:
+    except (IncompatibleMembers, CheckpointError, ModelLoadError) as exc:
         parser.error(str(exc))
     for m in report["members"]:
         print(f"{m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  {m['uri']}")
