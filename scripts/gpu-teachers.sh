@@ -13,8 +13,9 @@
 #   on the GPU), and copies into OUT, flat, as the device tool brings files back (8 files at most):
 #   each member's model.pt as compact-s<seed>.pt (a member that did not finish: its best.pt so
 #   far, as compact-s<seed>-best.pt; fleet.json says why), fleet.json and fleet.log (the fleet's
-#   output, with the end of any failed member's log), also when stopped by a signal. SEEDS="11 12 ..." sets the members (five by
-#   default, six at most); extra flags go to training.fleet and on to training.train.
+#   output, with the end of any failed member's log), also when stopped by a signal.
+#   SEEDS="11 12 ..." sets the members (five by default, six at most); extra flags go to
+#   training.fleet and on to training.train.
 set -euo pipefail
 usage() {
     echo "usage: $0 pack ZIP OUT.tar.xz | [SEEDS=\"11 12\"] $0 train DATA OUT MINUTES [flags...]" >&2
