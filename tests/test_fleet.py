@@ -127,17 +127,34 @@ def test_a_fleet_stopped_by_sigterm_stops_its_members(tmp_path: Path) -> None:
            "--data", str(data), "--output", str(out), "--minutes", "30", *TINY]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(CONFIG).parents[1])
     try:
-        # The members are running once both have written to their logs.
-        logs = [out / "calibration" / f"compact-s{seed}.log" for seed in (1, 2)]
-        assert eventually(lambda: all(p.is_file() and p.stat().st_size for p in logs), timeout=120)
-        members = [pid for pid in _pids() if str(out) in _cmdline(pid) and pid != proc.pid]
+        # Each member is paused as soon as it runs in its own session: paused, it cannot finish on its own
+        # (importing torch alone outlasts the polling), so only the fleet's stop can end it.
+        end = time.monotonic() + 120
+        while not (members := _members(out, proc.pid)) and time.monotonic() < end:
+            time.sleep(0.01)
         assert len(members) == 2
+        for pid in members:
+            os.killpg(pid, signal.SIGSTOP)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
         proc.kill()
     assert eventually(lambda: all(gone(pid) for pid in members))
     assert not list(out.glob("calibration/*/metrics.json"))  # stopped, rather than left to finish
+
+
+def _members(out: Path, fleet_pid: int) -> list[int]:
+    """The fleet's two members once both lead their own process group (empty until then)."""
+    pids = [p for p in _pids() if p != fleet_pid and str(out) in _cmdline(p) and "training.train" in _cmdline(p)]
+    leaders = [p for p in pids if _pgid(p) == p]
+    return leaders if len(leaders) == 2 else []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _pids() -> list[int]:

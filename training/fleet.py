@@ -135,6 +135,7 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> set[int]:
     running = [p for p in procs if p.poll() is None]
     for proc in running:
         _signal_group(proc, signal.SIGTERM)
+        _signal_group(proc, signal.SIGCONT)  # a paused member (kill -STOP) acts on the SIGTERM now, as systemd does
     grace_end = time.monotonic() + STOP_GRACE_S
     for proc in running:
         try:
