@@ -139,7 +139,8 @@ def test_soak_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     burst = results["overload"]
     assert burst["bound"] == 2 and burst["ok"] + burst["busy_503"] == 24 and burst["busy_503"] > 0
     assert burst["ok"] >= 1 and burst["unexpected"] == {}
-    assert burst["metrics_scrapes"] > 0 and 0 < burst["max_admitted"] <= 2 and burst["admitted_after"] == 0
+    # A fast machine may serve the burst's few admitted requests between two scrapes: no lower bound.
+    assert burst["metrics_scrapes"] > 0 and burst["max_admitted"] <= 2 and burst["admitted_after"] == 0
     summary = md.read_text()
     assert "| crop |" in summary and "| check | result |" in summary and "FAIL" not in summary
     assert summary in capsys.readouterr().out

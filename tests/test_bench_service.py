@@ -191,7 +191,10 @@ def test_service_configs_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert set(levels) == {(c, i, n) for c in ("off", "on") for i in ("crop", "photo") for n in (1, 4)}
     for row in levels.values():
         assert row["rounds"] == 2 and row["requests"] == row["ok"] == 16 and row["busy_503"] == row["other_failures"] == 0
-        assert row["latency"]["count"] == 16 and row["server_cpu_ms_per_request"] > 0
+        assert row["latency"]["count"] == 16 and row["server_cpu_ms_per_request"] >= 0
+        # /proc counts CPU time in 10 ms ticks: 16 crops may take less than one on a fast machine,
+        # 16 photos (detection, then the model) take several.
+        assert row["image"] == "crop" or row["server_cpu_ms_per_request"] > 0
         assert row["faces_per_forward_pass"] >= 1  # the crop and the astronaut: one face each
     for key in (("off", "crop", 1), ("off", "photo", 4)):
         assert levels[key]["faces_per_forward_pass"] == 1  # without batching, one request per pass

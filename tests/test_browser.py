@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser
 
 from fercore.labels import CLASS_NAMES
-from tests.utils.browser import TIMEOUT_MS, chromium, require_chromium
+from tests.utils.browser import TIMEOUT_MS, chromium, expect, require_chromium
 from tests.utils.service import clean_service_env, encode, face_pixels, uvicorn_server, write_model
 
 pytestmark = pytest.mark.browser
@@ -48,9 +48,9 @@ def test_swagger_ui_predicts_an_uploaded_image(browser: Browser, server: str, tm
     page = context.new_page()
     try:
         page.goto(f"{server}/docs", wait_until="load")
-        expect(page).to_have_title(re.compile("FER2013 facial expression service"), timeout=TIMEOUT_MS)
-        expect(page.locator(".swagger-ui .info .title")).to_contain_text("FER2013 facial expression service", timeout=TIMEOUT_MS)
-        expect(page.locator(".opblock").first).to_be_visible(timeout=TIMEOUT_MS)  # the operation list rendered
+        expect(page).to_have_title(re.compile("FER2013 facial expression service"))
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("FER2013 facial expression service")
+        expect(page.locator(".opblock").first).to_be_visible()  # the operation list rendered
 
         block = page.locator(PREDICT_BLOCK)
         block.locator(".opblock-summary").first.click()
@@ -63,9 +63,9 @@ def test_swagger_ui_predicts_an_uploaded_image(browser: Browser, server: str, tm
         block.get_by_role("button", name="Execute").click()
 
         response = block.locator(".live-responses-table tr.response")  # not the header row
-        expect(response.locator(".response-col_status")).to_have_text("200", timeout=TIMEOUT_MS)
+        expect(response.locator(".response-col_status")).to_have_text("200")
         body = response.locator(".response-col_description pre").first
-        expect(body).to_contain_text('"emotion"', timeout=TIMEOUT_MS)
+        expect(body).to_contain_text('"emotion"')
         screenshot = tmp_path / "swagger-predict.png"
         block.screenshot(path=screenshot)
         print(f"screenshot: {screenshot}")
@@ -73,7 +73,7 @@ def test_swagger_ui_predicts_an_uploaded_image(browser: Browser, server: str, tm
         text = body.inner_text()
         assert re.search(r'"emotion":\s*"({})"'.format("|".join(CLASS_NAMES)), text), text
         if has_detect:
-            expect(block.locator(".request-url")).to_contain_text("detect=false", timeout=TIMEOUT_MS)
+            expect(block.locator(".request-url")).to_contain_text("detect=false")
     finally:
         context.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def test_a_fleet_stopped_by_sigterm_stops_its_members(tmp_path: Path) -> None:
         assert len(members) == 2
         for pid in members:
             os.killpg(pid, signal.SIGSTOP)
+            assert not _blocked(pid) & {signal.SIGTERM, signal.SIGINT}  # the fleet held them only while starting it
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
@@ -148,6 +150,13 @@ def _members(out: Path, fleet_pid: int) -> list[int]:
     pids = [p for p in _pids() if p != fleet_pid and str(out) in _cmdline(p) and "training.train" in _cmdline(p)]
     leaders = [p for p in pids if _pgid(p) == p]
     return leaders if len(leaders) == 2 else []
+
+
+def _blocked(pid: int) -> set[int]:
+    """The signals process ``pid`` blocks (its main thread)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.MULTILINE)[1], 16)  # type: ignore[index]
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
 
 def _pgid(pid: int) -> int | None:

@@ -193,7 +193,8 @@ def latest(target: str) -> storage.LatestPointer | None:
 
 
 def publishing(output: Output) -> list[tuple[str, str]]:
-    """(run, sha256) of each run the publisher started, in order."""
+    """(run, sha256) of each run the publisher started, in order (once it has exited)."""
+    output.text()  # all it wrote read: a line written just before a kill is not missed
     return [(m[1], m[2]) for line in output.lines if (m := re.match(r"publishing (\S+) (\w+)", line))]
 
 

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page
 
 from app import explain
 from app.faces import whole_image_crop
 from app.model import Predictor
 from app.routes.page import CSP
-from tests.utils.browser import TIMEOUT_MS, camera_video, chromium, fake_camera_args, require_chromium
+from tests.utils.browser import TIMEOUT_MS, camera_video, chromium, expect, fake_camera_args, require_chromium
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 from tests.utils.service import clean_service_env, encode, post_image, uvicorn_server
 

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,10 @@ def train_together(
             cmd = [sys.executable, "-m", "training.train", "--config", str(member.config), "--seed", str(member.seed),
                    "--run-name", member.config.stem, "--epochs", str(n), "--data", data, "--output", str(output),
                    "--promote", "never", *extra]  # fmt: skip
-            with (output / f"{member.name}.log").open("ab") as logfile:
+            with (output / f"{member.name}.log").open("ab") as logfile, _stop_signals_held() as unhold:
                 # Its own process group: the deadline stops the compile workers it may start too.
-                procs.append(subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True))
+                procs.append(subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+                                              preexec_fn=unhold))  # fmt: skip
         ended = wait_all(procs, deadline)
     finally:
         stopped = stop(procs)  # on any way out (an error, Ctrl-C, SIGTERM), no member is left running
@@ -114,6 +116,21 @@ def train_together(
         if proc.returncode != 0:
             log.warning("the end of %s:\n%s", output / f"{member.name}.log", _tail(output / f"{member.name}.log"))
     return outcomes
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[Callable[[], None]]:
+    """Ctrl-C and SIGTERM wait while a member starts, so none starts unrecorded (and so unstopped);
+    yields what the member runs before exec to receive them again."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def unhold() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    try:
+        yield unhold
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came meanwhile is handled now
 
 
 def wait_all(procs: list[subprocess.Popen[bytes]], deadline: float) -> dict[int, float]:

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, Expect, sync_playwright
 
 TIMEOUT_MS = 30_000
+# Playwright's own ``expect`` gives up after 5 s whatever the context's default timeout: this one
+# waits as long as everything else (software rendering on a loaded machine), without changing the
+# shared instance.
+expect = Expect()
+expect.set_options(timeout=TIMEOUT_MS)
 # Keep Chromium from reaching anything on its own (updates, sync, QUIC probes): the tests assert
 # that the page itself talks to 127.0.0.1 only.
 CHROMIUM_ARGS = [
