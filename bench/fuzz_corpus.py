@@ -1,12 +1,12 @@
 """Hostile and malformed uploads through the real service, and the memory they make it use.
 
-    python -m bench.fuzz_corpus                                      # models/fer-compact.pt, default limits
+    python -m bench.fuzz_corpus                                      # the bundled model, default limits
     python -m bench.fuzz_corpus --server-env MAX_IMAGE_PIXELS=4000000
 
 The corpus is ``tests/utils/corpus.py`` (truncated and corrupted files of every allowed format,
 decompression bombs, non-images with image content types, polyglots, broken EXIF, extreme sizes
 and modes, animations, a crowd of faces), built for the server's MAX_IMAGE_PIXELS and
-MAX_UPLOAD_BYTES. One ``uvicorn app.main:app`` process (:func:`bench.service.run_server`) serves
+MAX_UPLOAD_BYTES. One ``uvicorn --factory app.main:serve_app`` process (:func:`bench.service.run_server`) serves
 all of it:
 
 * each case alone to ``POST /predict`` (face detection on), then

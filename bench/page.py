@@ -4,7 +4,7 @@ frames per second it sustains, and what ``explain=true`` costs.
     python -m bench.page                                  # the bundled model
     python -m bench.page --screenshots docs/screenshots   # also the three modes' screenshots
 
-One real service (``uvicorn app.main:app``, default settings, ``--model``) and Debian's Chromium
+One real service (``uvicorn --factory app.main:serve_app``, default settings, ``--model``) and Debian's Chromium
 (headless, driven by Playwright, its fake camera playing a Y4M video made from skimage's astronaut
 photo, 640x480 at 10 frames/s, looped) share this machine's CPUs. Measured in one run:
 

@@ -5,7 +5,7 @@ far over its limits, looking at how it refuses.
     python -m bench.soak --requests 2000          # a shorter soak
     python -m bench.soak --model runs/<run>/best.pt --server-env MAX_QUEUE=128
 
-The real service (``uvicorn app.main:app``, started by :func:`bench.service.run_server`, loopback
+The real service (``uvicorn --factory app.main:serve_app``, started by :func:`bench.service.run_server`, loopback
 only) serves ``--model``. Client and server share this machine's CPUs.
 
 **Soak.** ``--requests`` requests of ``POST /predict`` from ``--concurrency`` asyncio httpx clients,

@@ -185,7 +185,7 @@ if ! exists gcloud builds triggers describe "$TRIGGER" "${P[@]}"; then
 fi
 
 echo "== Alerts" >&2
-CHANNEL_ARGS=()
+channel_id=""
 if [[ -n "$ALERT_EMAIL" ]]; then
     channel="$(query gcloud beta monitoring channels list \
         --filter="type=\"email\" AND labels.email_address=\"${ALERT_EMAIL}\"" --format='value(name)' "${P[@]}")"
@@ -201,30 +201,33 @@ if [[ -n "$ALERT_EMAIL" ]]; then
                 --channel-labels="email_address=${ALERT_EMAIL}" --format='value(name)' "${P[@]}")"
         fi
     fi
-    CHANNEL_ARGS=(--notification-channels="$channel")
+    channel_id="${channel##*/}"
 fi
-shopt -s nullglob
-policies=("$ROOT"/monitoring/alert-*.json)
-[[ ${#policies[@]} -gt 0 ]] || echo "no monitoring/alert-*.json: no alert policy to create" >&2
-for file in "${policies[@]}"; do
+# The committed files name the service fer-api and a placeholder channel: monitoring/render.py
+# writes this project's copies (kept after --dry-run, for a look; removed after a real run).
+rendered="$(python3 "$ROOT/monitoring/render.py" --project "$PROJECT" --service "$SERVICE" --channel-id "$channel_id")"
+if [[ "$DRY_RUN" -eq 1 ]]; then
+    echo "the rendered alert policies and dashboard: $rendered" >&2
+else
+    trap 'python3 -c "import shutil, sys; shutil.rmtree(sys.argv[1])" "$rendered"' EXIT
+fi
+for file in "$rendered"/alert-*.json; do
     name="$(json_field "$file" displayName)"
     existing="$(query gcloud alpha monitoring policies list --filter="displayName=\"${name}\"" \
         --format='value(name)' "${P[@]}")"
     if [[ -z "$existing" ]]; then
-        run gcloud alpha monitoring policies create --policy-from-file="$file" ${CHANNEL_ARGS[@]+"${CHANNEL_ARGS[@]}"} "${P[@]}"
+        run gcloud alpha monitoring policies create --policy-from-file="$file" "${P[@]}"
     else
         echo "alert policy '${name}' exists: ${existing}" >&2
     fi
 done
-if [[ -f "$ROOT/monitoring/dashboard.json" ]]; then
-    name="$(json_field "$ROOT/monitoring/dashboard.json" displayName)"
-    existing="$(query gcloud monitoring dashboards list --filter="displayName=\"${name}\"" \
-        --format='value(name)' "${P[@]}")"
-    if [[ -z "$existing" ]]; then
-        run gcloud monitoring dashboards create --config-from-file="$ROOT/monitoring/dashboard.json" "${P[@]}"
-    fi
+name="$(json_field "$rendered/dashboard.json" displayName)"
+existing="$(query gcloud monitoring dashboards list --filter="displayName=\"${name}\"" \
+    --format='value(name)' "${P[@]}")"
+if [[ -z "$existing" ]]; then
+    run gcloud monitoring dashboards create --config-from-file="$rendered/dashboard.json" "${P[@]}"
 fi
 
-printf '%s\n' "== Done. Next (README, \"Deploy to Google Cloud\"):" \
+printf '%s\n' "== Done. Next (docs/deploy.md):" \
     "  gcloud builds triggers run ${TRIGGER} --branch=main ${P[*]}" \
     "  gcloud storage cp fer2013.zip gs://${BUCKET}/data/fer2013.zip" >&2

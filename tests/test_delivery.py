@@ -462,11 +462,14 @@ def bare_path(tmp_path: Path) -> str:
     return str(bin_dir)
 
 
-def run_setup(*args: str, path: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_setup(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The set-up script with :func:`bare_path` (and a ``gcloud`` put there, if any); its temporary
+    files (the rendered monitoring files) in ``tmp_path/tmp``."""
     bash = shutil.which("bash") or "/bin/bash"
-    return subprocess.run(
-        [bash, str(SETUP), *args], env={"PATH": path, **(env or {})}, capture_output=True, text=True, timeout=120
-    )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {"PATH": bare_path(tmp_path), "TMPDIR": str(tmp), **(env or {})}
+    return subprocess.run([bash, str(SETUP), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 SETUP_ARGS = ("--project", "demo-proj", "--github-owner", "acme", "--github-repo", "fer", "--alert-email", "ops@example.com")
@@ -481,7 +484,7 @@ def find(commands: list[list[str]], *words: str) -> list[list[str]]:
 
 
 def test_setup_dry_run_grants_least_privilege_and_creates_every_policy(tmp_path: Path) -> None:
-    result = run_setup(*SETUP_ARGS, "--dry-run", path=bare_path(tmp_path))
+    result = run_setup(tmp_path, *SETUP_ARGS, "--dry-run")
     assert result.returncode == 0, result.stderr
     commands = printed_commands(result.stdout)
     assert commands and all(cmd[0] == "gcloud" for cmd in commands)
@@ -506,24 +509,28 @@ def test_setup_dry_run_grants_least_privilege_and_creates_every_policy(tmp_path:
 
 
 def test_setup_without_gcloud_fails_with_a_clear_message(tmp_path: Path) -> None:
-    result = run_setup(*SETUP_ARGS, path=bare_path(tmp_path))
+    result = run_setup(tmp_path, *SETUP_ARGS)
     assert result.returncode == 1
     assert "gcloud not found on PATH" in result.stderr and "--dry-run" in result.stderr
     assert result.stdout == ""
 
 
 def test_setup_refuses_missing_or_unknown_arguments(tmp_path: Path) -> None:
-    result = run_setup("--dry-run", "--github-owner", "a", "--github-repo", "b", path=bare_path(tmp_path))
+    result = run_setup(tmp_path, "--dry-run", "--github-owner", "a", "--github-repo", "b")
     assert result.returncode == 1 and "no project: pass --project" in result.stderr
-    result = run_setup("--project", "p", "--dry-run", path=bare_path(tmp_path))
+    result = run_setup(tmp_path, "--project", "p", "--dry-run")
     assert result.returncode == 1 and "--github-owner" in result.stderr
-    result = run_setup(*SETUP_ARGS, "--dry-run", "--colour", path=bare_path(tmp_path))
+    result = run_setup(tmp_path, *SETUP_ARGS, "--dry-run", "--colour")
     assert result.returncode == 1 and "unknown argument '--colour'" in result.stderr
 
 
 FAKE_GCLOUD = """#!/bin/bash
-# Records each call; answers as if every resource exists (FAKE_EXISTS=1) or none does.
+# Records each call, and the policy files it is given; answers as if every resource exists
+# (FAKE_EXISTS=1) or none does.
 printf '%s\\n' "$*" >> "$FAKE_LOG"
+for arg; do
+    case "$arg" in --policy-from-file=*) printf '%s\\n\\n' "$(<"${arg#*=}")" >> "$FAKE_LOG.policies" ;; esac
+done
 if [[ "$FAKE_EXISTS" == 1 ]]; then
     case "$*" in *" list "*) echo "projects/demo-proj/things/1" ;; esac
     exit 0
@@ -534,36 +541,50 @@ exit 0
 """
 
 
-@pytest.mark.parametrize("exists", [False, True], ids=["new-project", "second-run"])
-def test_setup_creates_only_what_is_missing(tmp_path: Path, exists: bool) -> None:
+def setup_with_fake_gcloud(tmp_path: Path, *args: str, exists: bool = False) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """Runs the set-up against FAKE_GCLOUD: its stderr, the gcloud calls, the policies created."""
     bin_dir = Path(bare_path(tmp_path))
     gcloud = bin_dir / "gcloud"
     gcloud.write_text(FAKE_GCLOUD)
     gcloud.chmod(0o755)
     log = tmp_path / "calls.log"
-    result = run_setup(*SETUP_ARGS, path=str(bin_dir), env={"FAKE_LOG": str(log), "FAKE_EXISTS": str(int(exists))})
+    result = run_setup(tmp_path, *args, env={"FAKE_LOG": str(log), "FAKE_EXISTS": str(int(exists))})
     assert result.returncode == 0, result.stderr
-    calls = log.read_text().splitlines()
+    policies = tmp_path / "calls.log.policies"
+    created = [json.loads(doc) for doc in policies.read_text().split("\n\n") if doc.strip()] if policies.exists() else []
+    return result.stderr, log.read_text().splitlines(), created
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-project", "second-run"])
+def test_setup_creates_only_what_is_missing(tmp_path: Path, exists: bool) -> None:
+    stderr, calls, policies = setup_with_fake_gcloud(tmp_path, *SETUP_ARGS, exists=exists)
     creates = [call for call in calls if re.search(r"\bcreate\b", call) and "--help" not in call]
     if exists:
         assert creates == [], "a second run creates nothing"
-        assert "alert policy 'fer-api: 5xx responses above 1% of requests' exists" in result.stderr
+        assert "alert policy 'fer-api: 5xx responses above 1% of requests' exists" in stderr
     else:
-        policies = len(list((ROOT / "monitoring").glob("alert-*.json")))
-        assert len([c for c in creates if "policies create" in c]) == policies
-        assert all("notificationChannels/42" in c for c in creates if "policies create" in c)
+        assert len(policies) == len(list((ROOT / "monitoring").glob("alert-*.json")))
+        assert all(p["notificationChannels"] == ["projects/demo-proj/notificationChannels/42"] for p in policies)
         assert len([c for c in creates if "service-accounts create" in c]) == 3
     # Bindings and the API list are applied every time (both are idempotent in gcloud itself).
     assert any(call.startswith("services enable") for call in calls)
     assert len([call for call in calls if "add-iam-policy-binding" in call]) == 9
+    assert not list((tmp_path / "tmp").iterdir())  # the rendered copies removed
+
+
+def test_setup_alerts_watch_the_service_it_deploys(tmp_path: Path) -> None:
+    args = ("--project", "demo-proj", "--github-owner", "acme", "--github-repo", "fer", "--service", "fer-staging")
+    _, calls, policies = setup_with_fake_gcloud(tmp_path, *args)
+    assert policies and all(p["notificationChannels"] == [] for p in policies)  # no --alert-email: no one
+    assert all(p["displayName"].startswith("fer-staging: ") and "fer-api" not in json.dumps(p) for p in policies)
+    assert not [call for call in calls if "channels create" in call]
 
 
 def test_shellcheck_passes_on_the_scripts() -> None:
     scripts = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "scripts").glob("*.sh"))
     assert {"scripts/build-images-locally.sh", "scripts/lock.sh"} <= set(scripts)
-    result = subprocess.run(
-        [tool("shellcheck"), "deploy/setup-gcp.sh", ".ci/run", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    checked = ["deploy/setup-gcp.sh", "monitoring/apply.sh", ".ci/run", *scripts]
+    result = subprocess.run([tool("shellcheck"), *checked], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -657,7 +678,7 @@ def test_audit_workflow_audits_every_lock() -> None:
 def gcloud_commands(tmp_path: Path) -> list[list[str]]:
     """Every gcloud command line of the delivery: the set-up script's, cloudbuild.yaml's deploy
     and smoke steps (substitutions filled in) and the deploy guide's Vertex AI submission."""
-    result = run_setup(*SETUP_ARGS, "--dry-run", path=bare_path(tmp_path))
+    result = run_setup(tmp_path, *SETUP_ARGS, "--dry-run")
     commands = printed_commands(result.stdout) + printed_commands(result.stderr, "?")
     cloudbuild = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
     values = {"PROJECT_ID": "demo-proj", "COMMIT_SHA": "0" * 40, **cloudbuild["substitutions"], "_BUCKET": "demo-proj-fer"}
