@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One-time set-up of a Google Cloud project for this repository (README, "Deploy to Google Cloud").
+# One-time set-up of a Google Cloud project for this repository (docs/deploy.md).
 #
 #   deploy/setup-gcp.sh --project my-project --github-owner me --github-repo fer2013-mlops \
-#       [--region europe-west1] [--bucket my-project-fer] [--alert-email me@example.com] [--dry-run]
+#       [--region europe-west1] [--bucket my-project-fer] [--service fer-api] [--alert-email me@example.com] [--dry-run]
 #
 # Creates, each only if it does not exist yet (running it again changes nothing):
 #   - the APIs it needs enabled;
@@ -13,12 +13,12 @@
 #       fer-build    Cloud Build: pushes images, deploys the service as fer-runtime, writes logs;
 #       fer-train    the Vertex AI training job: reads and writes the bucket;
 #   - the Cloud Build trigger that runs cloudbuild.yaml on every push to main (the GitHub
-#     repository must first be connected to Cloud Build: README, step 1);
-#   - the alert policies in monitoring/alert-*.json (and the dashboard, monitoring/dashboard.json),
-#     sent to --alert-email when given.
+#     repository must first be connected to Cloud Build: docs/deploy.md, step 1);
+#   - the alert policies in monitoring/alert-*.json and the dashboard, monitoring/dashboard.json,
+#     rendered for --service by monitoring/render.py and sent to --alert-email when given.
 # --dry-run prints every gcloud command instead of running it (on stdout, as '+ CMD'; the checks
 # of what exists go to stderr as '? CMD' and are taken as "absent"), and needs neither gcloud
-# nor credentials. Needs bash, python3 (to read the policies' JSON) and gcloud, nothing else.
+# nor credentials. Needs bash, python3 (to render and read the monitoring JSON) and gcloud, nothing else.
 # Every option can also come from the environment: PROJECT_ID, REGION, REPOSITORY, BUCKET,
 # SERVICE, GITHUB_OWNER, GITHUB_REPO, ALERT_EMAIL.
 set -euo pipefail
@@ -77,6 +77,9 @@ done
 [[ -n "$GITHUB_OWNER" && -n "$GITHUB_REPO" ]] ||
     die "no GitHub repository for the build trigger: pass --github-owner OWNER --github-repo NAME"
 BUCKET="${BUCKET:-${PROJECT}-fer}"
+# Before anything is created: the names end up in the monitoring files' strings and filters.
+python3 "$ROOT/monitoring/render.py" --check --project "$PROJECT" --service "$SERVICE" ||
+    die "--project or --service has characters the monitoring files cannot take"
 
 if [[ "$DRY_RUN" -eq 0 ]] && ! command -v gcloud >/dev/null 2>&1; then
     die "gcloud not found on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install) and run 'gcloud auth login', or pass --dry-run to only print the commands"
@@ -202,6 +205,7 @@ if [[ -n "$ALERT_EMAIL" ]]; then
         fi
     fi
     channel_id="${channel##*/}"
+    [[ -n "$channel_id" ]] || die "no notification channel for ${ALERT_EMAIL}: the alerts would notify no one"
 fi
 # The committed files name the service fer-api and a placeholder channel: monitoring/render.py
 # writes this project's copies (kept after --dry-run, for a look; removed after a real run).
@@ -211,7 +215,8 @@ if [[ "$DRY_RUN" -eq 1 ]]; then
 else
     trap 'python3 -c "import shutil, sys; shutil.rmtree(sys.argv[1])" "$rendered"' EXIT
 fi
-for file in "$rendered"/alert-*.json; do
+for policy in "$ROOT"/monitoring/alert-*.json; do  # the committed ones, rendered
+    file="$rendered/${policy##*/}"
     name="$(json_field "$file" displayName)"
     existing="$(query gcloud alpha monitoring policies list --filter="displayName=\"${name}\"" \
         --format='value(name)' "${P[@]}")"

@@ -30,7 +30,8 @@ if [[ -n "${DRY_RUN:-}" ]]; then
   exit 0
 fi
 
-for dest in "$out"/alert-*.json; do
+for src in "$here"/alert-*.json; do  # the committed ones: not whatever else OUT_DIR holds
+  dest="$out/${src##*/}"
   name="$(display_name "$dest")"
   existing="$(gcloud alpha monitoring policies list --project="$PROJECT_ID" \
     --filter="displayName=\"$name\"" --format="value(name)" | head -n 1)"

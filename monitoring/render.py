@@ -1,6 +1,7 @@
 """Fill in the placeholders of this folder's alert policies and dashboard for one project.
 
     python3 monitoring/render.py --project my-project [--service fer-api] [--channel-id 123] [--out-dir DIR]
+    python3 monitoring/render.py --check --project my-project --service fer-api   # only check the names
 
 The committed files name the Cloud Run service ``fer-api`` and notify
 ``projects/PROJECT_ID/notificationChannels/CHANNEL_ID``. The rendered copies name ``--service``
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", required=True)
     parser.add_argument("--service", default=SERVICE)
     parser.add_argument("--channel-id", default="", help="the notification channel's id (empty: notify no one)")
-    parser.add_argument("--out-dir", type=Path)
+    parser.add_argument("--out-dir", type=Path, help="where the copies go (not this folder)")
+    parser.add_argument("--check", action="store_true", help="only check the values; write nothing")
     args = parser.parse_args(argv)
     if not args.project or not args.service:
         parser.error("--project and --service need a value")
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         if not SAFE.fullmatch(value):
             print(f"render.py: unexpected characters in '{value}'", file=sys.stderr)
             return 2
+    if args.check:
+        return 0
+    if args.out_dir and args.out_dir.resolve() == HERE:
+        parser.error("--out-dir: not the folder of the committed files")
     channels = [CHANNEL.replace("PROJECT_ID", args.project).replace("CHANNEL_ID", args.channel_id)] if args.channel_id else []
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="fer-monitoring-"))
     out.mkdir(parents=True, exist_ok=True)

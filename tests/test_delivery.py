@@ -525,11 +525,11 @@ def test_setup_refuses_missing_or_unknown_arguments(tmp_path: Path) -> None:
 
 
 FAKE_GCLOUD = """#!/bin/bash
-# Records each call, and the policy files it is given; answers as if every resource exists
-# (FAKE_EXISTS=1) or none does.
+# Records each call, and each file it is given (the flag's name, then the file); answers as if
+# every resource exists (FAKE_EXISTS=1) or none does.
 printf '%s\\n' "$*" >> "$FAKE_LOG"
 for arg; do
-    case "$arg" in --policy-from-file=*) printf '%s\\n\\n' "$(<"${arg#*=}")" >> "$FAKE_LOG.policies" ;; esac
+    case "$arg" in --*-from-file=*) printf '%s\\n%s\\n\\n' "${arg%%=*}" "$(<"${arg#*=}")" >> "$FAKE_LOG.files" ;; esac
 done
 if [[ "$FAKE_EXISTS" == 1 ]]; then
     case "$*" in *" list "*) echo "projects/demo-proj/things/1" ;; esac
@@ -541,8 +541,9 @@ exit 0
 """
 
 
-def setup_with_fake_gcloud(tmp_path: Path, *args: str, exists: bool = False) -> tuple[str, list[str], list[dict[str, Any]]]:
-    """Runs the set-up against FAKE_GCLOUD: its stderr, the gcloud calls, the policies created."""
+def setup_with_fake_gcloud(tmp_path: Path, *args: str, exists: bool = False) -> tuple[str, list[str], dict[str, list[Any]]]:
+    """Runs the set-up against FAKE_GCLOUD: its stderr, the gcloud calls, and the files it was given
+    by flag (``--policy-from-file``: the alert policies, ``--config-from-file``: the dashboard)."""
     bin_dir = Path(bare_path(tmp_path))
     gcloud = bin_dir / "gcloud"
     gcloud.write_text(FAKE_GCLOUD)
@@ -550,14 +551,19 @@ def setup_with_fake_gcloud(tmp_path: Path, *args: str, exists: bool = False) -> 
     log = tmp_path / "calls.log"
     result = run_setup(tmp_path, *args, env={"FAKE_LOG": str(log), "FAKE_EXISTS": str(int(exists))})
     assert result.returncode == 0, result.stderr
-    policies = tmp_path / "calls.log.policies"
-    created = [json.loads(doc) for doc in policies.read_text().split("\n\n") if doc.strip()] if policies.exists() else []
-    return result.stderr, log.read_text().splitlines(), created
+    files: dict[str, list[Any]] = {"--policy-from-file": [], "--config-from-file": []}
+    recorded = tmp_path / "calls.log.files"
+    for entry in recorded.read_text().split("\n\n") if recorded.exists() else []:
+        if entry.strip():
+            flag, text = entry.split("\n", 1)
+            files[flag].append(json.loads(text))
+    return result.stderr, log.read_text().splitlines(), files
 
 
 @pytest.mark.parametrize("exists", [False, True], ids=["new-project", "second-run"])
 def test_setup_creates_only_what_is_missing(tmp_path: Path, exists: bool) -> None:
-    stderr, calls, policies = setup_with_fake_gcloud(tmp_path, *SETUP_ARGS, exists=exists)
+    stderr, calls, files = setup_with_fake_gcloud(tmp_path, *SETUP_ARGS, exists=exists)
+    policies = files["--policy-from-file"]
     creates = [call for call in calls if re.search(r"\bcreate\b", call) and "--help" not in call]
     if exists:
         assert creates == [], "a second run creates nothing"
@@ -574,10 +580,18 @@ def test_setup_creates_only_what_is_missing(tmp_path: Path, exists: bool) -> Non
 
 def test_setup_alerts_watch_the_service_it_deploys(tmp_path: Path) -> None:
     args = ("--project", "demo-proj", "--github-owner", "acme", "--github-repo", "fer", "--service", "fer-staging")
-    _, calls, policies = setup_with_fake_gcloud(tmp_path, *args)
+    _, calls, files = setup_with_fake_gcloud(tmp_path, *args)
+    policies, (dashboard,) = files["--policy-from-file"], files["--config-from-file"]
     assert policies and all(p["notificationChannels"] == [] for p in policies)  # no --alert-email: no one
-    assert all(p["displayName"].startswith("fer-staging: ") and "fer-api" not in json.dumps(p) for p in policies)
+    assert all(p["displayName"].startswith("fer-staging: ") for p in policies)
+    assert all("fer-staging" in json.dumps(doc) and "fer-api" not in json.dumps(doc) for doc in [*policies, dashboard])
     assert not [call for call in calls if "channels create" in call]
+
+
+def test_setup_refuses_names_the_monitoring_files_cannot_take(tmp_path: Path) -> None:
+    result = run_setup(tmp_path, *SETUP_ARGS, "--service", 'fer"api', "--dry-run")
+    assert result.returncode == 1 and "unexpected characters" in result.stderr
+    assert result.stdout == ""  # before any command
 
 
 def test_shellcheck_passes_on_the_scripts() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,7 +97,9 @@ def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
     return True
 
 
-def test_members_are_timed_each_and_stopped_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_members_are_timed_each_and_stopped_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(fleet, "STOP_GRACE_S", 1.0)
     quick = spawn("pass")
     # A member with a worker of its own (as torch.compile starts): stopping the member stops it too.
@@ -117,6 +120,7 @@ def test_members_are_timed_each_and_stopped_at_the_deadline(monkeypatch: pytest.
         stopped = fleet.stop(procs)
     assert stopped == {sleeper.pid, stubborn.pid}
     assert (sleeper.returncode, quick.returncode, stubborn.returncode) == (-signal.SIGTERM, 0, -signal.SIGKILL)
+    assert f"pid {stubborn.pid} still running" in caplog.text and f"pid {sleeper.pid} " not in caplog.text
     assert eventually(lambda: gone(worker))
 
 
@@ -127,11 +131,12 @@ def test_a_fleet_stopped_by_sigterm_stops_its_members(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "training.fleet", "--member", f"{CONFIG}:1", "--member", f"{CONFIG}:2",
            "--data", str(data), "--output", str(out), "--minutes", "30", *TINY]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(CONFIG).parents[1])
+    members: list[int] = []
     try:
         # Each member is paused as soon as it runs in its own session: paused, it cannot finish on its own
         # (importing torch alone outlasts the polling), so only the fleet's stop can end it.
         end = time.monotonic() + 120
-        while not (members := _members(out, proc.pid)) and time.monotonic() < end:
+        while not (members := _members(out, proc.pid)) and proc.poll() is None and time.monotonic() < end:
             time.sleep(0.01)
         assert len(members) == 2
         for pid in members:
@@ -141,8 +146,13 @@ def test_a_fleet_stopped_by_sigterm_stops_its_members(tmp_path: Path) -> None:
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
         proc.kill()
+        for pid in members:  # on a failure, not left paused for good
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
     assert eventually(lambda: all(gone(pid) for pid in members))
     assert not list(out.glob("calibration/*/metrics.json"))  # stopped, rather than left to finish
+    assert proc.stdout is not None
+    assert "after SIGTERM: killed" not in proc.stdout.read().decode()  # woken to act on the SIGTERM, not killed
 
 
 def _members(out: Path, fleet_pid: int) -> list[int]:

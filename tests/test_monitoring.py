@@ -396,3 +396,33 @@ def test_apply_refuses_odd_values(tmp_path: Path) -> None:
     result = run_apply(tmp_path, DRY_RUN="1", PROJECT_ID="p", SERVICE="x/g;s")
     assert result.returncode == 2 and "unexpected characters" in result.stderr
     assert run_apply(tmp_path, DRY_RUN="1", PROJECT_ID="").returncode != 0  # required
+
+
+@pytest.mark.parametrize("channel", ["9", ""], ids=["channel", "no-channel"])
+def test_rendered_files_parse_for_the_project_and_service(tmp_path: Path, channel: str) -> None:
+    out = tmp_path / "rendered"
+    argv = ["--project", "p", "--service", "fer-staging", "--channel-id", channel, "--out-dir", str(out)]
+    result = subprocess.run([sys.executable, str(MONITORING / "render.py"), *argv], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == str(out), result.stderr
+    for path in POLICY_FILES:
+        policy = load_policy(out / path.name)  # Google's own types, strict: still a valid policy
+        assert list(policy.notification_channels) == (["projects/p/notificationChannels/9"] if channel else [])
+        assert policy.display_name.startswith("fer-staging: ") and SERVICE not in (out / path.name).read_text()
+    dashboard = (out / "dashboard.json").read_text()
+    assert load_dashboard(dashboard).display_name.startswith("fer-staging") and SERVICE not in dashboard
+
+
+def test_apply_creates_only_the_committed_policies(tmp_path: Path, recording_gcloud: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "alert-old.json").write_text('{"displayName": "a policy since deleted"}')  # an earlier run's
+    calls = apply_with(tmp_path, recording_gcloud)
+    assert not [c for c in calls if any("alert-old" in arg for arg in c)]
+
+
+def test_render_keeps_the_committed_files() -> None:
+    result = subprocess.run(
+        [sys.executable, str(MONITORING / "render.py"), "--project", "p", "--out-dir", str(MONITORING)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "not the folder of the committed files" in result.stderr

@@ -122,12 +122,13 @@ def train_together(
 def _stop_signals_held() -> Iterator[Callable[[], None]]:
     """Ctrl-C and SIGTERM wait while a member starts, so none starts unrecorded (and so unstopped);
     yields what the member runs before exec to receive them again."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # the mask as it is: blocking may raise (a signal just in)
 
     def unhold() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         yield unhold
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came meanwhile is handled now
@@ -147,8 +148,8 @@ def wait_all(procs: list[subprocess.Popen[bytes]], deadline: float) -> dict[int,
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> set[int]:
-    """SIGTERM to the process group of each process still running, then SIGKILL to those left after
-    the grace; returns the pids signalled."""
+    """SIGTERM (and SIGCONT, for a paused one) to the process group of each process still running,
+    then SIGKILL to those left after the grace; returns the pids signalled."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
         _signal_group(proc, signal.SIGTERM)
@@ -158,6 +159,7 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> set[int]:
         try:
             proc.wait(timeout=max(grace_end - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
+            log.warning("pid %d still running %.0f s after SIGTERM: killed", proc.pid, STOP_GRACE_S)
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
     return {p.pid for p in running}
