@@ -124,7 +124,7 @@ def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "t"), "--epochs", "1", *TINY])
     teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").run_id / "model.pt"
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "s"), "--epochs", "1", *TINY,
-                "--model-kwargs", '{"width": 2}', "--teacher", str(teacher)])  # fmt: skip
+                "--model-kwargs", '{"width": 2}', "--teacher", str(teacher), "--teacher-tta", "flip"])  # fmt: skip
     student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").run_id / "model.pt")
     assert student.model.kwargs == {"width": 2}
 
@@ -329,9 +329,26 @@ def test_restart_and_teacher_settings_are_checked() -> None:
         ({"schedule": "restarts", "cycle_epochs": 5, "epochs": 12, "warmup_epochs": 0}, "multiple of cycle_epochs"),
         ({"schedule": "restarts", "cycle_epochs": 5, "epochs": 10}, "needs warmup_epochs 0"),
         ({"init_from": "a.pt", "pretrained": True}, "pick one"),
+        ({"teacher_tta": "flip"}, "needs a checkpoint teacher"),
+        ({"teacher": "ens.npz", "teacher_tta": "flip"}, "needs a checkpoint teacher"),
+        ({"teacher": "t.pt", "teacher_tta": "mirror"}, "unknown teacher_tta"),
     ]:
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_dict(bad)
+
+
+def test_a_flip_teacher_distils_its_mirror_averaged_probabilities() -> None:
+    """teacher_tta flip: the teacher's logits are the log of its averaged probabilities on the face
+    and its mirror, so they cannot tell a face from its mirror image (the network alone can)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8, 7)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    flip = teach.ModelTeacher(net, "flip")
+    expected = ((net(x).softmax(-1) + net(x.flip(-1)).softmax(-1)) / 2).log()
+    torch.testing.assert_close(flip(x, torch.arange(4)), expected)
+    torch.testing.assert_close(flip(x.flip(-1), torch.arange(4)), expected)
+    assert not torch.allclose(net(x), net(x.flip(-1)))
+    torch.testing.assert_close(teach.ModelTeacher(net)(x, torch.arange(4)), net(x))
 
 
 def test_stored_teacher_logits_soften_like_a_networks() -> None:
@@ -344,17 +361,23 @@ def test_stored_teacher_logits_soften_like_a_networks() -> None:
 
 @pytest.mark.slow
 def test_the_bundled_models_recipe_runs_end_to_end(data_zip: Path, tmp_path: Path) -> None:
-    """scripts/train-bundled.sh: the base run (the bundled model), the snapshots, their ensemble."""
+    """scripts/train-bundled.sh: the base run, then two generations of self-distillation, each
+    taught by the one before; the gate serves the best of them by validation accuracy."""
     repo = Path(__file__).parents[1]
     out = tmp_path / "runs"
-    tiny = [*TINY, "--epochs", "2", "--cycle-epochs", "1"]
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(repo)}
     script = repo / "scripts" / "train-bundled.sh"  # run from elsewhere: it finds its configs itself
-    subprocess.run(["bash", str(script), str(data_zip), str(out), *tiny], cwd=tmp_path, env=env, check=True)
-    base, snap = (next(out.glob(f"*-{name}/metrics.json")).parent for name in ("base-s1", "snap-s2"))
-    config = yaml.safe_load((snap / "config.yaml").read_text())
-    assert config["schedule"] == "restarts" and config["init_from"] == str(base / "model.pt")
-    assert storage.read_latest(out).run_id == base.name  # the snapshots are members, never served
-    report = json.loads((out / "ensemble" / "ensemble.json").read_text())
-    assert [Path(m["uri"]).name for m in report["members"]] == ["model.pt", "snapshot-e1.pt", "snapshot-e2.pt"]
-    assert (out / "ensemble" / "ensemble.npz").is_file()
+    subprocess.run(["bash", str(script), str(data_zip), str(out), *TINY, "--epochs", "2"], cwd=tmp_path, env=env, check=True)
+    runs = [next(out.glob(f"*-{name}/metrics.json")).parent for name in ("base-s1", "sd1-s4", "sd2-s5")]
+    for student, teacher in zip(runs[1:], runs[:-1], strict=True):
+        config = yaml.safe_load((student / "config.yaml").read_text())
+        assert config["init_from"] == config["teacher"] == str(teacher / "model.pt")
+        assert config["teacher_tta"] == "flip" and config["epochs"] == 2
+    served = runs[0]  # the gate promotes a run whose val_accuracy is no lower than the served one's
+    for run in runs[1:]:
+        if (
+            json.loads((run / "metrics.json").read_text())["val_accuracy"]
+            >= json.loads((served / "metrics.json").read_text())["val_accuracy"]
+        ):
+            served = run
+    assert storage.read_latest(out).run_id == served.name

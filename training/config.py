@@ -57,6 +57,9 @@ class TrainConfig:
     teacher: str | None = None
     distill_alpha: float = 0.7  # weight of the teacher term
     distill_temperature: float = 4.0
+    # a checkpoint teacher's test-time views (training.evaluate.tta_views): "flip" distils the average
+    # of its predictions on the image and its mirror (a better teacher than itself, at 2 forward passes)
+    teacher_tta: Literal["none", "flip", "tencrop"] = "none"
     # data
     val_fraction: float = 0.1  # hold-out size when the source has no PublicTest
     skip_bad: bool = False
@@ -106,6 +109,11 @@ class TrainConfig:
             (
                 not is_stored_teacher(self.teacher) or self.mix_prob == 0,
                 "stored teacher predictions are per image: they cannot follow MixUp/CutMix (mix_prob must be 0)",
+            ),
+            (self.teacher_tta in ("none", "flip", "tencrop"), f"unknown teacher_tta {self.teacher_tta!r}"),
+            (
+                self.teacher_tta == "none" or (bool(self.teacher) and not is_stored_teacher(self.teacher)),
+                "teacher_tta needs a checkpoint teacher (stored predictions were made with their own TTA)",
             ),
             (not (self.init_from and self.pretrained), "init_from and pretrained both set the starting weights: pick one"),
         ]

@@ -33,11 +33,11 @@ from training.data import Split, load_fer2013
 from training.metrics import classification_report, format_report, plot_confusion_matrix
 
 log = logging.getLogger(__name__)
-# Test-time augmentation: the views whose probabilities are averaged (see _views).
+# Test-time augmentation: the views whose probabilities are averaged (see tta_views; a distillation teacher uses them too).
 TTA = Literal["none", "flip", "tencrop"]
 
 
-def _views(x: Tensor, tta: TTA) -> list[Tensor]:
+def tta_views(x: Tensor, tta: TTA) -> list[Tensor]:
     """The test-time views of a normalised batch (N, 1, H, W)."""
     if tta == "none":
         return [x]
@@ -82,7 +82,7 @@ def predict_probs(
     with contextlib.nullcontext() if isinstance(model, OnnxClassifier) else runtime.eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = normalize(images[start : start + batch_size].to(device), spec)
-            views = _views(x, tta)
+            views = tta_views(x, tta)
             out.append(torch.stack([forward(v) for v in views]).mean(0).cpu())
     return torch.cat(out)
 

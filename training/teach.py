@@ -36,7 +36,7 @@ from fercore.storage import atomic_write
 from training import runtime
 from training.config import is_stored_teacher
 from training.data import Split, load_fer2013, train_val_split
-from training.evaluate import TTA, IncompatibleMembers, Loaded, decoding, load_members, predict_probs, score
+from training.evaluate import TTA, IncompatibleMembers, Loaded, decoding, load_members, predict_probs, score, tta_views
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,17 @@ def split_digest(images: np.ndarray, labels: np.ndarray) -> str:
 
 
 class ModelTeacher:
-    """A frozen network run on the (augmented) batch the student sees."""
+    """A frozen network run on the (augmented) batch the student sees, optionally on its test-time
+    views too: then its logits are the log of the views' averaged probabilities (as StoredTeacher's)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, tta: TTA = "none") -> None:
+        self.model, self.tta = model, tta
 
     def __call__(self, x: Tensor, idx: Tensor) -> Tensor:
-        return self.model(x)
+        if self.tta == "none":
+            return self.model(x)
+        probs = torch.stack([self.model(v).float().softmax(-1) for v in tta_views(x, self.tta)]).mean(0)
+        return probs.clamp_min(PROB_FLOOR).log()
 
 
 class StoredTeacher:
@@ -74,8 +78,11 @@ class StoredTeacher:
 Teacher = ModelTeacher | StoredTeacher
 
 
-def load_teacher(path: str, device: torch.device, spec: PreprocessSpec, train_images: Tensor, train_labels: Tensor) -> Teacher:
-    """The teacher ``path`` names: stored predictions (.npz) for this very training split, or a checkpoint."""
+def load_teacher(
+    path: str, device: torch.device, spec: PreprocessSpec, train_images: Tensor, train_labels: Tensor, tta: TTA = "none"
+) -> Teacher:
+    """The teacher ``path`` names: stored predictions (.npz) for this very training split, or a
+    checkpoint (run on ``tta``'s views of each batch)."""
     if is_stored_teacher(path):
         with np.load(path) as stored:
             probs, digest = stored["probs"], str(stored["split_digest"])
@@ -94,8 +101,8 @@ def load_teacher(path: str, device: torch.device, spec: PreprocessSpec, train_im
     model = build_model(ckpt).to(device).to(memory_format=torch.channels_last)  # in eval mode
     for p in model.parameters():
         p.requires_grad_(False)
-    log.info("distilling from %s (%s, val acc %s)", path, ckpt.model.name, ckpt.metrics.get("val_accuracy"))
-    return ModelTeacher(model)
+    log.info("distilling from %s (%s, val acc %s, TTA %s)", path, ckpt.model.name, ckpt.metrics.get("val_accuracy"), tta)
+    return ModelTeacher(model, tta)
 
 
 # ---------------------------------------------------------------------------- stored predictions

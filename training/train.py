@@ -404,7 +404,7 @@ def setup(cfg: TrainConfig, data_source: str, output: str, resume: Checkpoint | 
         state = restore(resume, optimizer, scheduler, ema, generator)
         if resume.dataset_fingerprint != data.dataset.fingerprint:
             log.warning("resuming on different data (%s != %s)", data.dataset.fingerprint, resume.dataset_fingerprint)
-    teacher = load_teacher(cfg.teacher, device, spec, data.images, data.labels) if cfg.teacher else None
+    teacher = load_teacher(cfg.teacher, device, spec, data.images, data.labels, cfg.teacher_tta) if cfg.teacher else None
     folder = open_folder(cfg, output, state.run_id)  # after everything that can refuse the run
     log.info("run %s in %s: %s, %d parameters", state.run_id, folder, cfg.model, count_parameters(model))
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
