@@ -4,7 +4,7 @@
 # 1. base: the compact network from scratch (configs/compact_80.yaml, 80 epochs);
 # 2. sd1, sd2: self-distillation with flip TTA (configs/compact_selfdistill.yaml, 15 epochs
 #    each): each generation starts from the previous one's model.pt and learns its flip-averaged
-#    predictions (+0.7 point on PublicTest for the first generation, +0.1 for the second).
+#    predictions (+0.7 point on PublicTest for the first generation; the second gained 3 faces).
 # Every run goes through the promotion gate (docs/promotion.md): the served model is the best of
 # them by validation accuracy, normally the last.
 # Extra flags go to every training run (the tests pass tiny ones). Each stage has its own seed (1,

@@ -120,13 +120,17 @@ def test_publish_to_gcs_output(gcs, data_zip: Path) -> None:
 
 
 @pytest.mark.slow
-def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path) -> None:
+def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "t"), "--epochs", "1", *TINY])
     teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").run_id / "model.pt"
+    views: list[int] = []  # per teacher call: how many views of the batch it ran
+    real_views = teach.tta_views
+    monkeypatch.setattr(teach, "tta_views", lambda x, tta: views.append(len(real_views(x, tta))) or real_views(x, tta))
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "s"), "--epochs", "1", *TINY,
                 "--model-kwargs", '{"width": 2}', "--teacher", str(teacher), "--teacher-tta", "flip"])  # fmt: skip
     student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").run_id / "model.pt")
     assert student.model.kwargs == {"width": 2}
+    assert views and set(views) == {2}  # the flag reached the teacher: the face and its mirror, every batch
 
 
 @pytest.mark.slow

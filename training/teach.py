@@ -5,7 +5,7 @@ r"""Teachers for distillation: a network run on every batch, or an ensemble's st
 
 averages the members' class probabilities (with flip TTA by default) over the training split
 and writes them to ``ens.npz``; ``python -m training.train --teacher teachers/ens.npz`` then
-distils the ensemble at no cost per epoch (a live teacher costs a forward pass per member per
+distils the ensemble at no cost per epoch (a live teacher costs a forward pass per member, view and
 batch). It also evaluates each member and the ensemble on the validation split (PublicTest) and
 writes ``ens.json`` (each member's run id, its figures and the ensemble's).
 
