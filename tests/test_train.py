@@ -365,18 +365,18 @@ def test_stored_teacher_logits_soften_like_a_networks() -> None:
 
 @pytest.mark.slow
 def test_the_bundled_models_recipe_runs_end_to_end(data_zip: Path, tmp_path: Path) -> None:
-    """scripts/train-bundled.sh: the base run, then two generations of self-distillation, each
+    """scripts/train-bundled.sh: the base run, then three generations of self-distillation, each
     taught by the one before; the gate serves the best of them by validation accuracy."""
     repo = Path(__file__).parents[1]
     out = tmp_path / "runs"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(repo)}
     script = repo / "scripts" / "train-bundled.sh"  # run from elsewhere: it finds its configs itself
     subprocess.run(["bash", str(script), str(data_zip), str(out), *TINY, "--epochs", "2"], cwd=tmp_path, env=env, check=True)
-    runs = [next(out.glob(f"*-{name}/metrics.json")).parent for name in ("base-s1", "sd1-s4", "sd2-s5")]
-    for student, teacher in zip(runs[1:], runs[:-1], strict=True):
+    runs = [next(out.glob(f"*-{name}/metrics.json")).parent for name in ("base-s1", "sd1-s4", "sd2-s5", "sd3-s6")]
+    for student, teacher, tta in zip(runs[1:], runs[:-1], ["flip", "flip", "tencrop"], strict=True):
         config = yaml.safe_load((student / "config.yaml").read_text())
         assert config["init_from"] == config["teacher"] == str(teacher / "model.pt")
-        assert config["teacher_tta"] == "flip" and config["epochs"] == 2
+        assert config["teacher_tta"] == tta and config["epochs"] == 2
     served = runs[0]  # the gate promotes a run whose val_accuracy is no lower than the served one's
     for run in runs[1:]:
         if (
