@@ -8,8 +8,8 @@
 #    first, 3 faces for the second), ten crops for sd3 (+1.4).
 # Every run goes through the promotion gate (docs/promotion.md): the served model is the best of
 # them by validation accuracy, normally the last.
-# Extra flags go to every training run (the tests pass tiny ones). Each stage has its own seed (1,
-# 4, 5); on data without a PublicTest split the seed also draws the validation hold-out, which all
+# Extra flags go to every training run (the tests pass tiny ones). Each stage has its own seed (1, 4,
+# 5, 6); on data without a PublicTest split the seed also draws the validation hold-out, which all
 # stages must share: set SEED=N to run every stage with seed N. About 4 to 5.5 hours on 2 CPU cores
 # with bf16 (models/MODEL_CARD.md); minutes on a GPU. OUT must be a local folder.
 set -euo pipefail

@@ -58,7 +58,8 @@ class TrainConfig:
     distill_alpha: float = 0.7  # weight of the teacher term
     distill_temperature: float = 4.0
     # a checkpoint teacher's test-time views (training.evaluate.tta_views): "flip" distils the average
-    # of its predictions on the image and its mirror (a better teacher than itself, at 2 forward passes)
+    # of its predictions on the image and its mirror (a better teacher than itself, at 2 forward passes),
+    # "tencrop" over ten crops (10 passes; the bundled model's last generation)
     teacher_tta: Literal["none", "flip", "tencrop"] = "none"
     # data
     val_fraction: float = 0.1  # hold-out size when the source has no PublicTest
