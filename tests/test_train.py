@@ -124,12 +124,15 @@ def test_distillation_from_a_teacher(data_zip: Path, tmp_path: Path, monkeypatch
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "t"), "--epochs", "1", *TINY])
     teacher = tmp_path / "t" / storage.read_latest(tmp_path / "t").run_id / "model.pt"
     views: list[int] = []  # per teacher call: how many views of the batch it ran
-    real_views = teach.tta_views
+    real_views, real_load = teach.tta_views, teach.load_teacher_network
     monkeypatch.setattr(teach, "tta_views", lambda x, tta: views.append(len(real_views(x, tta))) or real_views(x, tta))
+    loaded: list[str] = []
+    monkeypatch.setattr(teach, "load_teacher_network", lambda path, *a: loaded.append(path) or real_load(path, *a))
     train.main(["--data", str(data_zip), "--output", str(tmp_path / "s"), "--epochs", "1", *TINY,
-                "--model-kwargs", '{"width": 2}', "--teacher", str(teacher), "--teacher-tta", "flip"])  # fmt: skip
+                "--model-kwargs", '{"width": 2}', "--teacher", f"{teacher}, {teacher}", "--teacher-tta", "flip"])  # fmt: skip
     student = load_checkpoint(tmp_path / "s" / storage.read_latest(tmp_path / "s").run_id / "model.pt")
     assert student.model.kwargs == {"width": 2}
+    assert loaded == [str(teacher)] * 2  # an ensemble of two (the same network twice, as plumbing)
     assert views and set(views) == {2}  # the flag reached the teacher: the face and its mirror, every batch
 
 
@@ -336,6 +339,8 @@ def test_restart_and_teacher_settings_are_checked() -> None:
         ({"teacher_tta": "flip"}, "needs a checkpoint teacher"),
         ({"teacher": "ens.npz", "teacher_tta": "flip"}, "needs a checkpoint teacher"),
         ({"teacher": "t.pt", "teacher_tta": "mirror"}, "unknown teacher_tta"),
+        ({"teacher": "a.pt,ens.npz"}, "one .npz of stored predictions, or checkpoints"),
+        ({"teacher": "a.pt,"}, "none empty"),
     ]:
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_dict(bad)
@@ -353,6 +358,16 @@ def test_a_flip_teacher_distils_its_mirror_averaged_probabilities() -> None:
     torch.testing.assert_close(flip(x.flip(-1), torch.arange(4)), expected)
     assert not torch.allclose(net(x), net(x.flip(-1)))
     torch.testing.assert_close(teach.ModelTeacher(net)(x, torch.arange(4)), net(x))
+
+
+def test_an_ensemble_teacher_averages_its_networks_probabilities_over_the_views() -> None:
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8, 7)).eval() for _ in range(2)]
+    x = torch.randn(4, 1, 8, 8)
+    probs = [n(v).softmax(-1) for n in nets for v in (x, x.flip(-1))]
+    torch.testing.assert_close(teach.ModelTeacher(nets, "flip")(x, torch.arange(4)), (sum(probs) / 4).log())
+    pair = ((nets[0](x).softmax(-1) + nets[1](x).softmax(-1)) / 2).log()
+    torch.testing.assert_close(teach.ModelTeacher(nets)(x, torch.arange(4)), pair)
 
 
 def test_stored_teacher_logits_soften_like_a_networks() -> None:

@@ -52,8 +52,9 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     mix_prob: float = 0.0  # fraction of batches that get MixUp or CutMix
     # distillation
-    # a checkpoint run on every batch, or the .npz of stored predictions `training.teach` writes
-    # (an ensemble's averaged probabilities; free per epoch)
+    # a checkpoint run on every batch, several separated by commas (an ensemble: their probabilities
+    # averaged, one forward pass per member and view), or the .npz of stored predictions
+    # `training.teach` writes (an ensemble's averaged probabilities; free per epoch)
     teacher: str | None = None
     distill_alpha: float = 0.7  # weight of the teacher term
     distill_temperature: float = 4.0
@@ -95,6 +96,7 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        teachers = teacher_paths(self.teacher)
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
@@ -110,6 +112,10 @@ class TrainConfig:
             (
                 not is_stored_teacher(self.teacher) or self.mix_prob == 0,
                 "stored teacher predictions are per image: they cannot follow MixUp/CutMix (mix_prob must be 0)",
+            ),
+            (
+                all(teachers) and (len(teachers) < 2 or not is_stored_teacher(self.teacher)),
+                "teacher: one .npz of stored predictions, or checkpoints separated by commas, none empty",
             ),
             (self.teacher_tta in ("none", "flip", "tencrop"), f"unknown teacher_tta {self.teacher_tta!r}"),
             (
@@ -135,9 +141,14 @@ class TrainConfig:
         ]
 
 
+def teacher_paths(teacher: str | None) -> list[str]:
+    """The files ``teacher`` names: the members of a live ensemble, or one checkpoint or .npz."""
+    return [p.strip() for p in teacher.split(",")] if teacher else []
+
+
 def is_stored_teacher(teacher: str | None) -> bool:
-    """Whether ``teacher`` names stored predictions (`training.teach`'s .npz) rather than a checkpoint."""
-    return bool(teacher) and str(teacher).endswith(".npz")
+    """Whether ``teacher`` names stored predictions (`training.teach`'s .npz) rather than checkpoints."""
+    return any(p.endswith(".npz") for p in teacher_paths(teacher))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

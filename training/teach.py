@@ -1,13 +1,14 @@
-r"""Teachers for distillation: a network run on every batch, or an ensemble's stored predictions.
+r"""Teachers for distillation: networks run on every batch, or an ensemble's stored predictions.
 
     python -m training.teach --checkpoint models/fer-compact.pt --checkpoint runs/<a>/model.pt \
         --checkpoint runs/<b>/snapshot-e30.pt --data ../shared/data/fer2013.zip --output teachers/ens.npz
 
 averages the members' class probabilities (with flip TTA by default) over the training split
 and writes them to ``ens.npz``; ``python -m training.train --teacher teachers/ens.npz`` then
-distils the ensemble at no cost per epoch (a live teacher costs a forward pass per member, view and
-batch). It also evaluates each member and the ensemble on the validation split (PublicTest) and
-writes ``ens.json`` (each member's run id, its figures and the ensemble's).
+distils the ensemble at no cost per epoch (a live one, ``--teacher a.pt,b.pt``, costs a forward
+pass per member, view and batch, but predicts on the augmented batch the student sees). It also
+evaluates each member and the ensemble on the validation split (PublicTest) and writes
+``ens.json`` (each member's run id, its figures and the ensemble's).
 
 The stored probabilities belong to one training split: the file carries its digest, and a run
 on other data refuses the file.
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from fercore.labels import CLASS_NAMES
 from fercore.preprocessing import PreprocessSpec
 from fercore.storage import atomic_write
 from training import runtime
-from training.config import is_stored_teacher
+from training.config import is_stored_teacher, teacher_paths
 from training.data import Split, load_fer2013, train_val_split
 from training.evaluate import TTA, IncompatibleMembers, Loaded, decoding, load_members, predict_probs, score, tta_views
 
@@ -51,16 +53,18 @@ def split_digest(images: np.ndarray, labels: np.ndarray) -> str:
 
 
 class ModelTeacher:
-    """A frozen network run on the (augmented) batch the student sees, optionally on its test-time
-    views too: then its logits are the log of the views' averaged probabilities (as StoredTeacher's)."""
+    """Frozen networks run on the (augmented) batch the student sees, optionally on its test-time
+    views too. One network on the batch alone gives its logits; otherwise the logits are the log of
+    the probabilities averaged over networks and views (as StoredTeacher's)."""
 
-    def __init__(self, model: nn.Module, tta: TTA = "none") -> None:
-        self.model, self.tta = model, tta
+    def __init__(self, models: nn.Module | Sequence[nn.Module], tta: TTA = "none") -> None:
+        self.models, self.tta = [models] if isinstance(models, nn.Module) else list(models), tta
 
     def __call__(self, x: Tensor, idx: Tensor) -> Tensor:
-        if self.tta == "none":
-            return self.model(x)
-        probs = torch.stack([self.model(v).float().softmax(-1) for v in tta_views(x, self.tta)]).mean(0)
+        if self.tta == "none" and len(self.models) == 1:
+            return self.models[0](x)
+        views = tta_views(x, self.tta)
+        probs = torch.stack([m(v).float().softmax(-1) for m in self.models for v in views]).mean(0)
         return probs.clamp_min(PROB_FLOOR).log()
 
 
@@ -79,20 +83,29 @@ Teacher = ModelTeacher | StoredTeacher
 
 
 def load_teacher(
-    path: str, device: torch.device, spec: PreprocessSpec, train_images: Tensor, train_labels: Tensor, tta: TTA = "none"
+    teacher: str, device: torch.device, spec: PreprocessSpec, train_images: Tensor, train_labels: Tensor, tta: TTA = "none"
 ) -> Teacher:
-    """The teacher ``path`` names: stored predictions (.npz) for this very training split, or a
-    checkpoint (run on ``tta``'s views of each batch)."""
-    if is_stored_teacher(path):
-        with np.load(path) as stored:
-            probs, digest = stored["probs"], str(stored["split_digest"])
-        expected = split_digest(train_images.cpu().numpy(), train_labels.cpu().numpy())
-        if digest != expected:
-            raise ValueError(f"teacher {path} holds predictions for another training split ({digest}, not {expected})")
-        if probs.shape != (len(train_labels), len(CLASS_NAMES)):
-            raise ValueError(f"teacher {path} holds {probs.shape} probabilities, not ({len(train_labels)}, {len(CLASS_NAMES)})")
-        log.info("distilling from stored predictions %s (%d images)", path, len(probs))
-        return StoredTeacher(torch.from_numpy(probs).to(device))
+    """The teacher ``teacher`` names: stored predictions (.npz) for this very training split, or
+    checkpoints separated by commas (run on ``tta``'s views of each batch, their probabilities averaged)."""
+    if is_stored_teacher(teacher):
+        return load_stored_teacher(teacher, device, train_images, train_labels)
+    return ModelTeacher([load_teacher_network(path, device, spec, tta) for path in teacher_paths(teacher)], tta)
+
+
+def load_stored_teacher(path: str, device: torch.device, train_images: Tensor, train_labels: Tensor) -> StoredTeacher:
+    with np.load(path) as stored:
+        probs, digest = stored["probs"], str(stored["split_digest"])
+    expected = split_digest(train_images.cpu().numpy(), train_labels.cpu().numpy())
+    if digest != expected:
+        raise ValueError(f"teacher {path} holds predictions for another training split ({digest}, not {expected})")
+    if probs.shape != (len(train_labels), len(CLASS_NAMES)):
+        raise ValueError(f"teacher {path} holds {probs.shape} probabilities, not ({len(train_labels)}, {len(CLASS_NAMES)})")
+    log.info("distilling from stored predictions %s (%d images)", path, len(probs))
+    return StoredTeacher(torch.from_numpy(probs).to(device))
+
+
+def load_teacher_network(path: str, device: torch.device, spec: PreprocessSpec, tta: TTA) -> nn.Module:
+    """A checkpoint as a frozen teacher, which must see faces as the student does."""
     ckpt = load_checkpoint(path)
     if ckpt.preprocessing != spec:
         raise ValueError(f"teacher {path} was trained with other preprocessing ({ckpt.preprocessing})")
@@ -102,7 +115,7 @@ def load_teacher(
     for p in model.parameters():
         p.requires_grad_(False)
     log.info("distilling from %s (%s, val acc %s, TTA %s)", path, ckpt.model.name, ckpt.metrics.get("val_accuracy"), tta)
-    return ModelTeacher(model, tta)
+    return model
 
 
 # ---------------------------------------------------------------------------- stored predictions
