@@ -88,7 +88,7 @@ def load_teacher(
     """The teacher ``teacher`` names: stored predictions (.npz) for this very training split, or
     checkpoints separated by commas (run on ``tta``'s views of each batch, their probabilities averaged)."""
     if is_stored_teacher(teacher):
-        return load_stored_teacher(teacher, device, train_images, train_labels)
+        return load_stored_teacher(teacher_paths(teacher)[0], device, train_images, train_labels)
     return ModelTeacher([load_teacher_network(path, device, spec, tta) for path in teacher_paths(teacher)], tta)
 
 
