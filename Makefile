@@ -6,8 +6,13 @@ PORT   ?= 8000
 
 .PHONY: install install-dev lock serve test test-fast lint typecheck clean
 
+# pip as pinned here, not the one the Python came with: pip before 23.3 resolves a locked package
+# again when another asks for it with an extra (pytest-cov's coverage[toml]), takes the newest
+# release from the index and then refuses it under --require-hashes.
+PIP_VERSION := 26.3
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
 
 # Installs from the locks (requirements/*.txt, written by `make lock`): every package at its
 # locked version and sha256; then the project itself, without dependencies. pip check fails a

@@ -12,6 +12,8 @@
 # 5, 6); on data without a PublicTest split the seed also draws the validation hold-out, which all
 # stages must share: set SEED=N to run every stage with seed N. About 4 to 5.5 hours on 2 CPU cores
 # with bf16 (models/MODEL_CARD.md); minutes on a GPU. OUT must be a local folder.
+# Run again with the same arguments, it picks up where it stopped: a stage whose run folder holds
+# model.pt and metrics.json is done and skipped, one with only last.pt continues (--resume).
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: [SEED=N] $0 DATA OUT [training flags...]" >&2
@@ -25,23 +27,35 @@ configs="$(cd "$(dirname "$0")/.." && pwd)/configs"
 seed=()
 if [ -n "${SEED:-}" ]; then seed=(--seed "$SEED"); fi
 
-# The newest run folder named NAME (run ids are <UTC time>-<name>-s<seed>, so they sort by time).
+# The newest run folder named NAME (run ids are <UTC time>-<name>-s<seed>, so they sort by time),
+# or nothing when there is none.
 newest_run() {
     local runs=("$out"/*-"$1"-s*/)
-    [ -d "${runs[-1]}" ] || { echo "no $1 run in $out" >&2; exit 1; }
-    echo "${runs[-1]%/}"
+    if [ -d "${runs[-1]}" ]; then echo "${runs[-1]%/}"; fi
 }
 
-train() {
-    "$python" -m training.train --data "$data" --output "$out" "$@" "${seed[@]}"
+# stage NAME TRAINING_FLAGS...: skip it if done, continue it if started, else train it.
+stage() {
+    local name=$1 run
+    shift
+    run=$(newest_run "$name")
+    if [ -n "$run" ] && [ -f "$run/model.pt" ] && [ -f "$run/metrics.json" ]; then
+        echo "$name: done in $run, skipped" >&2
+    elif [ -n "$run" ] && [ -f "$run/last.pt" ]; then
+        echo "$name: continuing $run" >&2
+        "$python" -m training.train --resume "$run" --data "$data"
+    else
+        "$python" -m training.train --data "$data" --output "$out" --run-name "$name" "$@" "${seed[@]}"
+    fi
+    run=$(newest_run "$name")
+    [ -n "$run" ] || { echo "no $name run in $out" >&2; exit 1; }
+    teacher=$run/model.pt  # the next stage's teacher and starting point
 }
 
-train --config "$configs/compact_80.yaml" --run-name base "$@"
-teacher=$(newest_run base)/model.pt
+stage base --config "$configs/compact_80.yaml" "$@"
 gen=0
 for tta in flip flip tencrop; do  # each generation's teacher: the previous one on these views
     gen=$((gen + 1))
-    train --config "$configs/compact_selfdistill.yaml" --init-from "$teacher" --teacher "$teacher" \
-        --teacher-tta "$tta" --seed $((3 + gen)) --run-name "sd$gen" --promote if-better "$@"
-    teacher=$(newest_run "sd$gen")/model.pt
+    stage "sd$gen" --config "$configs/compact_selfdistill.yaml" --init-from "$teacher" --teacher "$teacher" \
+        --teacher-tta "$tta" --seed $((3 + gen)) --promote if-better "$@"
 done
