@@ -26,6 +26,20 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from fercore.framing import (
+    FER2013_FRAME,
+    MAX_CROP_SIDE,
+    Box,
+    FaceFrame,
+    Point,
+    clamp_box,
+    face_crop,
+    face_region,
+    shrunk,
+)
+
+__all__ = ["MAX_CROP_SIDE", "Box", "Detection", "DetectorConfig", "FaceDetector", "FaceFrame", "Point", "crop_faces"]
+
 MODEL_PATH = Path(__file__).resolve().parent / "assets" / "face_detection_full_range.onnx"
 
 # The model's input side, and its anchors: MediaPipe's face_detection_full_range_common.pbtxt
@@ -43,17 +57,6 @@ LANDMARKS = ("right_eye", "left_eye", "nose_tip", "mouth", "right_ear", "left_ea
 # the detector's max_side): a smaller face would be classified from upscaled pixels, below the
 # model's 48x48 input.
 MIN_FACE_PX = 48
-# Margin added around a detected box before cropping without alignment, per side, as a fraction of
-# the box: BlazeFace's box runs from the brows to the chin; FER2013's faces show some forehead and cheek.
-CROP_MARGIN = 0.1
-# Aligned framing, from the keypoints: the crop is square, its side the larger of SIDE_PER_EYES times
-# the distance between the eyes and SIDE_PER_EYES_MOUTH times the distance from their midpoint to
-# the mouth (a 3/4 view shortens the first, a face seen from above or below the second), the eyes'
-# midpoint centred horizontally and EYES_Y of the side from the top. Medians of the detector's
-# keypoints on 426 FER2013 PublicTest faces (scripts in docs/faces.md): FER2013's own framing.
-SIDE_PER_EYES = 2.76
-SIDE_PER_EYES_MOUTH = 2.61
-EYES_Y = 0.39
 # Images with a longer side over this many times their shorter side are also looked at in squares
 # (:func:`windows`): above it, letterboxing shrinks their faces the most...
 WIDE_ASPECT = 1.5
@@ -66,14 +69,6 @@ GRID_MIN_SIDE = 768
 GRID_SIDE = 1 / 2
 # Default longer side detection works at; larger images are reduced first (JPEGs while decoding).
 DETECT_MAX_SIDE = 1024
-
-# Longest side of a face crop: the model sees a 48x48 resize, and a crop waiting for its forward pass
-# (or explained: its heatmap has the crop's size) must not hold the pixels of a face filling a
-# 40-megapixel photo (a 4000x4000 crop is 48 MB in RGB, its explanation ~1.6 GB to compute).
-MAX_CROP_SIDE = 256
-
-Box = tuple[int, int, int, int]  # x, y, width, height in pixels
-Point = tuple[float, float]  # x, y in pixels
 
 
 @dataclass(frozen=True)
@@ -305,69 +300,19 @@ def to_detection(row: np.ndarray, score: float, size: tuple[int, int]) -> Detect
     return Detection(box, score, {name: (float(x), float(y)) for name, (x, y) in zip(LANDMARKS, points, strict=True)})
 
 
-def expand_box(box: Box, margin: float, width: int, height: int) -> Box:
-    """``box`` grown by ``margin`` of its width/height on each side, clipped to the image."""
-    x, y, w, h = box
-    dx, dy = round(w * margin), round(h * margin)
-    return clamp_box(x - dx, y - dy, w + 2 * dx, h + 2 * dy, width, height)
+def crop_faces(
+    image: Image.Image, detections: Sequence[Detection], align: bool = True, frame: FaceFrame = FER2013_FRAME
+) -> list[Image.Image]:
+    """One crop per detection, as :func:`fercore.framing.face_crop` frames it: turned so the eyes are
+    level and framed as FER2013's faces are when ``align`` and the keypoints are known; else the box
+    grown by the frame's margin and clipped to the image. At most :data:`MAX_CROP_SIDE` pixels a side."""
+    return [face_crop(image, d.box, d.landmarks, align, frame) for d in detections]
 
 
-def clamp_box(x: int, y: int, w: int, h: int, width: int, height: int) -> Box:
-    """The part of the box inside a ``width`` x ``height`` image (at least one pixel)."""
-    left, top = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
-    right, bottom = min(max(x + w, left + 1), width), min(max(y + h, top + 1), height)
-    return left, top, right - left, bottom - top
-
-
-def crop_faces(image: Image.Image, detections: Sequence[Detection], align: bool = True) -> list[Image.Image]:
-    """One crop per detection: turned so the eyes are level and framed as FER2013's faces are
-    (:func:`aligned_crop`) when ``align`` and the keypoints are known; else the box grown by
-    :data:`CROP_MARGIN` and clipped to the image. At most :data:`MAX_CROP_SIDE` pixels a side."""
-    width, height = image.size
-    crops = []
-    for detection in detections:
-        if align and {"right_eye", "left_eye", "mouth"} <= detection.landmarks.keys():
-            crops.append(aligned_crop(image, detection.landmarks))
-        else:
-            x, y, w, h = expand_box(detection.box, CROP_MARGIN, width, height)
-            crops.append(shrunk(image.crop((x, y, x + w, y + h)), MAX_CROP_SIDE))
-    return crops
-
-
-def aligned_crop(image: Image.Image, landmarks: dict[str, Point]) -> Image.Image:
-    """The square around a face, rotated so its eyes are level, framed from its ``landmarks``
-    (``right_eye``, ``left_eye``, ``mouth``, image pixels) as FER2013 frames its faces; at the image's
-    own resolution up to :data:`MAX_CROP_SIDE` pixels a side (the model's preprocessing resizes it).
-    Where the square reaches outside the image (a face at the border) it is black."""
-    side, (a, b, c, d, e, f) = aligned_frame(landmarks)
-    out = min(side, MAX_CROP_SIDE)
-    s = side / out  # an output pixel spans s crop pixels
-    return image.transform((out, out), Image.Transform.AFFINE, (a * s, b * s, c, d * s, e * s, f), Image.Resampling.BILINEAR)
-
-
-def aligned_frame(landmarks: dict[str, Point]) -> tuple[int, tuple[float, ...]]:
-    """The aligned crop's side and the affine map (Pillow's coefficients) from crop pixel (u, v) to
-    image pixel (x, y): a rotation by the eyes' angle taking (side / 2, EYES_Y * side) in the crop
-    to the eyes' midpoint in the image."""
-    (rx, ry), (lx, ly), (mx, my) = landmarks["right_eye"], landmarks["left_eye"], landmarks["mouth"]
-    cx, cy = (rx + lx) / 2, (ry + ly) / 2  # the eyes' midpoint
-    dx, dy = lx - rx, ly - ry  # the person's right eye is on the image's left in an upright face
-    eyes = math.hypot(dx, dy)
-    side = max(1, round(max(SIDE_PER_EYES * eyes, SIDE_PER_EYES_MOUTH * math.hypot(mx - cx, my - cy))))
-    cos, sin = (dx / eyes, dy / eyes) if eyes > 0 else (1.0, 0.0)
-    u0, v0 = side / 2, EYES_Y * side
-    return side, (cos, -sin, cx - cos * u0 + sin * v0, sin, cos, cy - sin * u0 - cos * v0)
-
-
-def crop_region(detection: Detection, size: tuple[int, int], align: bool = True) -> Box:
-    """Where :func:`crop_faces`'s crop of ``detection`` lies in an image of ``size``: the box grown by
-    :data:`CROP_MARGIN`, or, for an aligned crop, the upright square of its side around its centre
-    (the crop itself is that square turned by the eyes' angle; it may reach outside the image)."""
-    if not (align and {"right_eye", "left_eye", "mouth"} <= detection.landmarks.keys()):
-        return expand_box(detection.box, CROP_MARGIN, *size)
-    side, (a, b, c, d, e, f) = aligned_frame(detection.landmarks)
-    x, y = a * side / 2 + b * side / 2 + c, d * side / 2 + e * side / 2 + f  # the crop's centre in the image
-    return round(x - side / 2), round(y - side / 2), side, side
+def crop_region(detection: Detection, size: tuple[int, int], align: bool = True, frame: FaceFrame = FER2013_FRAME) -> Box:
+    """Where :func:`crop_faces`'s crop of ``detection`` lies in an image of ``size``
+    (:func:`fercore.framing.face_region`)."""
+    return face_region(detection.box, detection.landmarks, size, align, frame)
 
 
 def whole_image_crop(image: Image.Image, max_side: int = DETECT_MAX_SIDE) -> Image.Image:
@@ -380,9 +325,3 @@ def whole_image_crop(image: Image.Image, max_side: int = DETECT_MAX_SIDE) -> Ima
     them in one ``/predict/batch`` would exceed the instance's memory.
     """
     return shrunk(image, max_side)
-
-
-def shrunk(image: Image.Image, max_side: int) -> Image.Image:
-    """``image`` reduced by a whole factor (box average) so its longer side is at most ``max_side``."""
-    factor = -(-max(image.size) // max_side)  # ceil
-    return image.reduce(factor) if factor > 1 else image

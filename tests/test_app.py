@@ -30,13 +30,13 @@ from PIL import Image
 from app.concurrency import InferenceLimiter
 from app.deps import get_predictor
 from app.errors import ServerBusy
-from app.faces import CROP_MARGIN, expand_box
 from app.images import decode_image, to_gray_or_rgb
 from app.main import create_app
 from app.model import ModelLoadError, Predictor
 from app.routes import predict as predict_routes
 from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
 from fercore.cpus import available_cpus, cgroup_cpu_quota
+from fercore.framing import FER2013_FRAME, expand_box
 from fercore.labels import CLASS_NAMES
 from fercore.storage import LATEST, publish_run, sha256_file
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
@@ -363,7 +363,7 @@ def test_without_alignment_the_crop_is_the_box_with_a_margin(monkeypatch: pytest
     with running_app(monkeypatch, MODEL_URI=str(model_path), FACE_ALIGN="false") as client:
         seen = spy_on_crops(client)
         (face,) = post_image(client, photo_jpeg("astronaut")).json()["faces"]
-    _, _, w, h = expand_box(tuple(face["box"]), CROP_MARGIN, 512, 512)
+    _, _, w, h = expand_box(tuple(face["box"]), FER2013_FRAME.margin, 512, 512)
     assert seen == [(w, h)]
     assert w > face["box"][2]  # the margin is there
 

@@ -18,24 +18,19 @@ from PIL import Image, ImageOps
 
 from app import faces, pipeline
 from app.faces import (
-    CROP_MARGIN,
-    EYES_Y,
     LANDMARKS,
     MODEL_PATH,
-    SIDE_PER_EYES,
     Detection,
     DetectorConfig,
     FaceDetector,
     FaceDetectorError,
-    aligned_crop,
     anchor_centres,
-    clamp_box,
     crop_faces,
     decode,
-    expand_box,
     weighted_nms,
 )
 from app.images import decode_image_reduced
+from fercore.framing import MAX_CROP_SIDE
 from tests.utils.photos import assert_astronaut_face, photo
 
 # The astronaut's face centre in skimage's 512x512 photo (between the eyes and the mouth), in pixels.
@@ -246,25 +241,6 @@ def test_detection_scaled_maps_box_and_keypoints() -> None:
     assert d.scaled(2.0) == Detection((20, 40, 60, 80), 0.9, {"mouth": (31.0, 60.0)})
 
 
-def test_aligned_crop_levels_the_eyes_and_frames_them_as_fer2013() -> None:
-    """Two white dots for eyes on a line at 30 degrees: in the crop they are level, at EYES_Y."""
-    image = Image.new("L", (400, 400), 0)
-    a = math.radians(30)
-    centre, half = np.array([200.0, 200.0]), 40 * np.array([math.cos(a), math.sin(a)])
-    right, left = centre - half, centre + half
-    for x, y in (right, left):
-        image.paste(255, (round(x) - 2, round(y) - 2, round(x) + 3, round(y) + 3))
-    mouth = centre + 70 * np.array([-math.sin(a), math.cos(a)])  # below the eyes, 70 px
-    crop = aligned_crop(image, {"right_eye": tuple(right), "left_eye": tuple(left), "mouth": tuple(mouth)})
-    side = round(max(SIDE_PER_EYES * 80, faces.SIDE_PER_EYES_MOUTH * 70))
-    assert crop.size == (side, side)
-    ys, xs = np.nonzero(np.asarray(crop) > 128)
-    assert ys.max() - ys.min() <= 6  # both dots on one row
-    assert ys.mean() == pytest.approx(EYES_Y * side, abs=2)
-    assert xs.mean() == pytest.approx(side / 2, abs=2)  # centred
-    assert xs.max() - xs.min() == pytest.approx(80 + 4, abs=3)  # eye distance kept: no scaling
-
-
 def test_crop_faces_without_alignment_cuts_each_box_with_margin() -> None:
     image = Image.fromarray(np.arange(100 * 120, dtype=np.uint32).reshape(100, 120).astype(np.uint8))
     detections = [Detection((10, 20, 30, 40), 0.9), Detection((100, 80, 20, 20), 0.8)]
@@ -272,12 +248,6 @@ def test_crop_faces_without_alignment_cuts_each_box_with_margin() -> None:
     assert [c.size for c in crops] == [(36, 48), (22, 22)]  # the second is clipped at the corner
     np.testing.assert_array_equal(np.asarray(crops[0]), np.asarray(image)[16:64, 7:43])
     assert crop_faces(image, detections, align=True)[0].size == (36, 48)  # no keypoints: the box
-    assert expand_box((100, 100, 50, 40), CROP_MARGIN, 1000, 1000) == (95, 96, 60, 48)
-
-
-def test_clamp_box_keeps_at_least_a_pixel() -> None:
-    assert clamp_box(-10, -10, 5, 5, 100, 100) == (0, 0, 1, 1)
-    assert clamp_box(150, 20, 10, 10, 100, 100) == (99, 20, 1, 10)
 
 
 def jpeg(image: Image.Image) -> bytes:
@@ -338,6 +308,6 @@ def test_a_face_filling_a_large_photo_is_cropped_at_a_bounded_size(detector: Fac
     3000x3000 photo is cropped at most MAX_CROP_SIDE a side, not ~1800 px."""
     big = photo("astronaut").crop((140, 40, 300, 220)).resize((3000, 3000), Image.Resampling.BILINEAR)
     (found,) = detector.detect(big)
-    assert found.box[2] > 4 * faces.MAX_CROP_SIDE  # the face itself is far larger than the cap
+    assert found.box[2] > 4 * MAX_CROP_SIDE  # the face itself is far larger than the cap
     (crop,) = crop_faces(big, [found], align)
-    assert max(crop.size) <= faces.MAX_CROP_SIDE and min(crop.size) >= faces.MAX_CROP_SIDE // 2
+    assert max(crop.size) <= MAX_CROP_SIDE and min(crop.size) >= MAX_CROP_SIDE // 2

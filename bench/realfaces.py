@@ -1,0 +1,358 @@
+"""The whole service pipeline on labeled real photos that are not FER2013: how right is it on users' photos?
+
+    python -m bench.realfaces --data /path/to/realfaces                      # every set there, both splits
+    python -m bench.realfaces --data DIR --split dev --variants frames       # tuning: development subjects only
+    python -m bench.realfaces --data DIR --fer-python .venv-fer/bin/python   # the `fer` library beside ours
+
+Each photo goes through the service's own code (:mod:`app.pipeline`'s ``decode``, the service's
+:class:`~app.faces.FaceDetector` with the settings' defaults, :func:`app.faces.crop_faces`, the
+served int8 ONNX model's :class:`~app.model.Predictor`): decode -> detect -> align -> crop ->
+classify, nothing copied. Each photo shows one face; the largest face found is the answer, and a
+photo where none is found counts as wrong (``accuracy``; ``accuracy_found`` only counts the photos
+with a face). The images are not in the repository (their terms do not allow it): ``--data`` is a
+folder of sets, ``<set>/<class>/<image>`` with FER2013's class names, and, where the set knows who
+is in each photo, ``<set>/manifest.csv`` (``file,label,subject``), which the split uses. Where to
+get each set and how it is laid out: ``bench/README.md``.
+
+Split: the subjects of the sets in :data:`DEV_SETS`, alternately by sorted subject id, are the
+development half (``dev``); everything else is kept for reporting (``report``), never tuned on.
+
+Variants (``--variants``): ``served`` (the service as configured), ``flip`` (also the crop's mirror,
+probabilities averaged), ``frames`` (a grid of framings of the aligned crop: square side and eyes'
+height, and the unaligned box), ``all``. Each variant's accuracy, macro-F1, per-class recall,
+confusion matrix, and calibration (expected calibration error of ``confidence``, 15 bins; with
+``--temperature T`` also of the probabilities softened by T) are written to
+``bench/results/realfaces.json``; the confusion matrices of the served variant and of fer as
+pictures beside it, ``bench/results/realfaces/<set>-<split>-<variant>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import ImageOps
+
+from app.errors import ServiceError
+from app.faces import Detection, FaceDetector, crop_faces
+from app.main import detector_config
+from app.model import Predictor
+from app.pipeline import decode
+from app.settings import BUNDLED_MODEL, Settings
+from bench.alignment import sign_test
+from bench.machine import RESULTS_DIR, command_line, describe_host, write_result
+from fercore.framing import FER2013_FRAME, FaceFrame
+from fercore.labels import CLASS_INDEX, CLASS_NAMES
+from training.metrics import classification_report, plot_confusion_matrix
+
+log = logging.getLogger(__name__)
+
+SERVED_MODEL = BUNDLED_MODEL.with_name("fer-compact.int8.onnx")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+# Sets whose subjects are split in two for development; the other sets are for reporting only.
+DEV_SETS = ("kdef",)
+ECE_BINS = 15
+# The framings tried by --variants frames: the square's side (times FER2013's) and the eyes' height.
+FRAME_SCALES = (0.85, 0.92, 1.0, 1.08, 1.16, 1.25)
+FRAME_EYES_Y = (0.33, 0.36, 0.39, 0.42, 0.45)
+BOX_MARGINS = (0.0, 0.1, 0.2, 0.3)  # the unaligned crop's margins tried
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: Path
+    label: int  # FER2013 class id
+    subject: str  # who is in it ("" when the set does not say)
+
+
+@dataclass
+class Outcome:
+    """One variant's answers over a list of photos: probabilities (None: no face found)."""
+
+    probs: list[np.ndarray | None] = field(default_factory=list)
+
+
+# -- the data ---------------------------------------------------------------------------------------
+
+
+def read_set(folder: Path) -> list[Photo]:
+    """A set's photos: from ``manifest.csv`` when there is one, else every image in ``<class>/``."""
+    manifest = folder / "manifest.csv"
+    if manifest.is_file():
+        with manifest.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [
+            Photo(resolve(folder, row["file"], row["label"]), CLASS_INDEX[row["label"]], row.get("subject", "")) for row in rows
+        ]
+    photos = []
+    for name in CLASS_NAMES:
+        for path in sorted((folder / name).glob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                photos.append(Photo(path, CLASS_INDEX[name], ""))
+    return photos
+
+
+def resolve(folder: Path, file: str, label: str) -> Path:
+    """A manifest's ``file``: relative to the set, or to its class folder."""
+    path = folder / file
+    return path if path.is_file() else folder / label / Path(file).name
+
+
+def split_of(set_name: str, subject: str, subjects: list[str]) -> str:
+    """``dev`` for every other subject (sorted) of a development set, else ``report``."""
+    if set_name not in DEV_SETS or not subject:
+        return "report"
+    return "dev" if subjects.index(subject) % 2 == 0 else "report"
+
+
+def split_photos(set_name: str, photos: list[Photo]) -> dict[str, list[Photo]]:
+    subjects = sorted({p.subject for p in photos if p.subject})
+    out: dict[str, list[Photo]] = {"dev": [], "report": []}
+    for photo in photos:
+        out[split_of(set_name, photo.subject, subjects)].append(photo)
+    return {name: items for name, items in out.items() if items}
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+
+
+def largest_face(detections: list[Detection]) -> Detection | None:
+    return max(detections, key=lambda d: d.box[2] * d.box[3], default=None)
+
+
+def frames(variants: list[str], served_align: bool = True) -> dict[str, tuple[bool, FaceFrame]]:
+    """Each crop variant's name, alignment and framing: the service's own first."""
+    out = {"served": (served_align, FER2013_FRAME)}
+    if "frames" in variants:
+        for scale in FRAME_SCALES:
+            for eyes_y in FRAME_EYES_Y:
+                bigger = FER2013_FRAME.scaled(scale)
+                out[frame_name(scale, eyes_y)] = (True, FaceFrame(bigger.side_per_eyes, bigger.side_per_eyes_mouth, eyes_y))
+        for margin in BOX_MARGINS:
+            out[f"box_margin{margin:.1f}"] = (False, FaceFrame(margin=margin))
+    return out
+
+
+def variant_names(variants: list[str]) -> list[str]:
+    return [*frames(variants), *(["flip"] if "flip" in variants else [])]
+
+
+def frame_name(scale: float, eyes_y: float) -> str:
+    return f"aligned_scale{scale:.2f}_eyes{eyes_y:.2f}"
+
+
+def classify_photo(
+    photo: Photo, detector: FaceDetector, predictor: Predictor, settings: Settings, variants: list[str]
+) -> dict[str, np.ndarray]:
+    """Each variant's probabilities for ``photo`` (nothing when no face is found or the file
+    is refused as the service would refuse it)."""
+    try:
+        image, _ = decode(photo.path.read_bytes(), settings.max_image_pixels, detector)
+    except ServiceError as exc:
+        log.warning("%s: refused (%s)", photo.path, exc.detail)
+        return {}
+    face = largest_face(detector.detect(image))
+    if face is None:
+        return {}
+    crops = {
+        name: crop_faces(image, [face], align, frame)[0] for name, (align, frame) in frames(variants, detector.align).items()
+    }
+    names = list(crops)
+    batch = [crops[n] for n in names]
+    if "flip" in variants:
+        batch.append(ImageOps.mirror(crops["served"]))
+    probs = predictor.probabilities(predictor.inputs(batch))  # (len(batch), classes)
+    out: dict[str, np.ndarray] = dict(zip(names, probs[: len(names)], strict=True))
+    if "flip" in variants:
+        out["flip"] = (probs[0] + probs[-1]) / 2
+    return out
+
+
+def run_ours(photos: list[Photo], model: Path, variants: list[str]) -> dict[str, list[np.ndarray | None]]:
+    """Every variant's answers over ``photos`` with the service's detector settings and ``model``."""
+    settings = Settings()
+    detector = FaceDetector(detector_config(settings))
+    predictor = Predictor.from_file(model, source=str(model))
+    answers: dict[str, list[np.ndarray | None]] = {name: [] for name in variant_names(variants)}
+    for i, photo in enumerate(photos):
+        got = classify_photo(photo, detector, predictor, settings, variants)
+        for name, column in answers.items():
+            column.append(got.get(name))
+        if (i + 1) % 200 == 0:
+            log.info("%d / %d photos", i + 1, len(photos))
+    return answers
+
+
+def run_fer(photos: list[Photo], fer_python: str) -> list[np.ndarray | None]:
+    """The `fer` library's answers (its own detector, its largest face), in its own environment."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files, out = Path(tmp) / "files.json", Path(tmp) / "fer.json"
+        files.write_text(json.dumps([str(p.path) for p in photos]))
+        subprocess.run([fer_python, "-m", "bench.fer_photos", "--files", str(files), "--output", str(out)], check=True)
+        rows = json.loads(out.read_text())
+    return [None if row is None else np.asarray(row, dtype=np.float32) for row in rows]
+
+
+# -- the figures ------------------------------------------------------------------------------------
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """The gap between confidence and accuracy, averaged over equal-width confidence bins by their size."""
+    if len(confidence) == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            total += inside.sum() * abs(float(confidence[inside].mean()) - float(correct[inside].mean()))
+    return total / len(confidence)
+
+
+def soften(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities as the same logits divided by ``temperature`` would give them."""
+    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def score(labels: np.ndarray, answers: list[np.ndarray | None], temperature: float | None) -> dict[str, Any]:
+    """Accuracy (a photo without a face is wrong), the figures on the photos with a face, calibration."""
+    found = np.asarray([a is not None for a in answers])
+    n = len(labels)
+    out: dict[str, Any] = {
+        "photos": n,
+        "faces_not_found": int((~found).sum()),
+        "not_found_rate": float((~found).mean()) if n else 0.0,
+    }
+    if not found.any():
+        return {**out, "accuracy": 0.0}
+    probs = np.stack([a for a in answers if a is not None])
+    truth = labels[found]
+    predicted = probs.argmax(axis=1)
+    report = classification_report(truth, predicted, CLASS_NAMES)
+    correct = predicted == truth
+    out.update(
+        accuracy=float(correct.sum() / n),
+        accuracy_found=report["accuracy"],
+        macro_f1=report["macro_f1"],
+        per_class_recall={k: v["recall"] for k, v in report["per_class"].items()},
+        confusion_matrix=report["confusion_matrix"],
+        mean_confidence=float(probs.max(axis=1).mean()),
+        ece=expected_calibration_error(probs.max(axis=1), correct),
+    )
+    if temperature is not None:
+        out["ece_at_temperature"] = {
+            "temperature": temperature,
+            "ece": expected_calibration_error(soften(probs, temperature).max(axis=1), correct),
+        }
+    return out
+
+
+def paired(labels: np.ndarray, a: list[np.ndarray | None], b: list[np.ndarray | None]) -> dict[str, Any]:
+    """Photos only ``a`` gets right and only ``b`` gets right, and the sign test's p-value."""
+    right_a = np.asarray([x is not None and int(x.argmax()) == y for x, y in zip(a, labels, strict=True)])
+    right_b = np.asarray([x is not None and int(x.argmax()) == y for x, y in zip(b, labels, strict=True)])
+    wins, losses = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    return {"only_this_right": wins, "only_served_right": losses, "sign_test_p": sign_test(wins, losses)}
+
+
+def picture(report: dict[str, Any], path: Path, title: str) -> None:
+    if "confusion_matrix" in report:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot_confusion_matrix(report["confusion_matrix"], CLASS_NAMES, path, title)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def sets_in(data: Path, names: list[str] | None) -> Iterator[tuple[str, Path]]:
+    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
+        if names is None or folder.name in names:
+            yield folder.name, folder
+
+
+def bench_split(set_name: str, split: str, photos: list[Photo], args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
+    log.info("%s / %s: %d photos", set_name, split, len(photos))
+    labels = np.asarray([p.label for p in photos])
+    ours = run_ours(photos, args.model, variants)
+    result: dict[str, Any] = {"photos": len(photos), "subjects": len({p.subject for p in photos if p.subject}), "variants": {}}
+    for name, answers in ours.items():
+        row = score(labels, answers, args.temperature)
+        if name != "served":
+            row["against_served"] = paired(labels, answers, ours["served"])
+        result["variants"][name] = row
+    picture(result["variants"]["served"], args.pictures / f"{set_name}-{split}-served.png", f"ours on {set_name} ({split})")
+    if args.fer_python:
+        result["fer"] = score(labels, run_fer(photos, args.fer_python), None)
+        picture(result["fer"], args.pictures / f"{set_name}-{split}-fer.png", f"fer on {set_name} ({split})")
+    return result
+
+
+def parse_variants(value: str) -> list[str]:
+    names = ["flip", "frames"] if value == "all" else [v.strip() for v in value.split(",") if v.strip() and v.strip() != "served"]
+    unknown = set(names) - {"flip", "frames"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variants {sorted(unknown)}; choose from served, flip, frames, all")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder of sets: <set>/<class>/<image>, optional <set>/manifest.csv"
+    )
+    parser.add_argument("--sets", type=lambda v: [s for s in v.split(",") if s], help="comma-separated set names (default: all)")
+    parser.add_argument("--split", choices=("dev", "report", "all"), default="all")
+    parser.add_argument("--model", type=Path, default=SERVED_MODEL, help="ONNX model (default: the served int8 model)")
+    parser.add_argument("--variants", type=parse_variants, default=[], help="served (default), flip, frames, all")
+    parser.add_argument("--temperature", type=float, help="also report the calibration at this softmax temperature")
+    parser.add_argument("--fer-python", help="the `fer` library's interpreter (.venv-fer/bin/python): fer beside ours")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "realfaces.json")
+    parser.add_argument("--pictures", type=Path, default=RESULTS_DIR / "realfaces")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.data.is_dir():
+        parser.error(f"--data {args.data}: not a folder")
+
+    results: dict[str, Any] = {"model": str(args.model), "dev_sets": list(DEV_SETS), "sets": {}}
+    for set_name, folder in sets_in(args.data, args.sets):
+        splits = split_photos(set_name, read_set(folder))
+        chosen = splits if args.split == "all" else {k: v for k, v in splits.items() if k == args.split}
+        results["sets"][set_name] = {
+            split: bench_split(set_name, split, photos, args, ["served", *args.variants]) for split, photos in chosen.items()
+        }
+    if not results["sets"]:
+        parser.error(f"--data {args.data}: no sets found")
+    write_result(args.output, "realfaces", results, command_line("bench.realfaces", argv), describe_host())
+    print(markdown_table(results))
+    return 0
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = ["| set | split | photos | who | not found | accuracy | macro-F1 | ECE |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for set_name, splits in results["sets"].items():
+        for split, r in splits.items():
+            rows = [("ours", r["variants"]["served"])] + ([("fer", r["fer"])] if "fer" in r else [])
+            for who, row in rows:
+                lines.append(
+                    f"| {set_name} | {split} | {row['photos']} | {who} | {row['faces_not_found']} | {row['accuracy']:.3f} "
+                    f"| {row.get('macro_f1', 0):.3f} | {row.get('ece', 0):.3f} |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""bench.realfaces: the whole service pipeline on labeled photo sets, on skimage's real photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from bench import realfaces
+from tests.utils.photos import photo
+
+
+def make_set(root: Path) -> Path:
+    """A set laid out as the benchmark reads it: the astronaut (one face) under four subjects and
+    two labels, mirrored for two of them, and a photo without a face, in class folders with a
+    manifest."""
+    folder = root / "kdef"
+    rows = []
+    astronaut = photo("astronaut")
+    for i, (label, image) in enumerate(
+        [("happy", astronaut), ("happy", ImageOps.mirror(astronaut)), ("sad", astronaut), ("sad", photo("coffee"))]
+    ):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        name = f"S{i:02d}{label[:2].upper()}.png"
+        image.save(folder / label / name)
+        rows.append({"file": f"{label}/{name}", "label": label, "subject": f"S{i:02d}"})
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "label", "subject"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_a_set_is_split_by_subject_and_scored_through_the_service_pipeline(tmp_path: Path) -> None:
+    make_set(tmp_path / "data")
+    out = tmp_path / "realfaces.json"
+    argv = ["--data", str(tmp_path / "data"), "--variants", "all", "--temperature", "1.5"]
+    assert realfaces.main([*argv, "--output", str(out), "--pictures", str(tmp_path / "pictures")]) == 0
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python -m bench.realfaces --data")
+    splits = record["results"]["sets"]["kdef"]
+    # Subjects S00..S03 sorted, every other one for development: S00 and S02 (happy, sad astronaut).
+    assert splits["dev"]["photos"] == 2 and splits["report"]["photos"] == 2
+    dev, report = splits["dev"]["variants"], splits["report"]["variants"]
+    assert dev["served"]["faces_not_found"] == 0
+    assert report["served"]["faces_not_found"] == 1  # the coffee cup: counted wrong, not skipped
+    assert report["served"]["accuracy"] <= 0.5
+    # The same astronaut under two labels: one of the two is wrong whatever the model says.
+    assert dev["served"]["accuracy"] == 0.5
+    assert {"flip", "box_margin0.0", realfaces.frame_name(1.0, 0.39)} <= dev.keys()
+    # The grid's FER2013 framing is the served crop itself: the same answers.
+    assert dev[realfaces.frame_name(1.0, 0.39)]["confusion_matrix"] == dev["served"]["confusion_matrix"]
+    assert dev["flip"]["against_served"]["sign_test_p"] <= 1.0
+    assert "ece_at_temperature" in dev["served"]
+    assert (tmp_path / "pictures" / "kdef-dev-served.png").is_file()
+
+
+def test_a_set_that_is_not_for_development_is_all_reporting(tmp_path: Path) -> None:
+    folder = make_set(tmp_path / "data")
+    folder.rename(tmp_path / "data" / "jaffe")
+    photos = realfaces.read_set(tmp_path / "data" / "jaffe")
+    assert set(realfaces.split_photos("jaffe", photos)) == {"report"}
+    assert len(realfaces.split_photos("kdef", photos)["dev"]) == 2
+
+
+def test_class_folders_without_a_manifest_are_read_too(tmp_path: Path) -> None:
+    for label in ("angry", "neutral"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / label / "a.jpg")
+    (tmp_path / "angry" / "notes.txt").write_text("not an image")
+    photos = realfaces.read_set(tmp_path)
+    assert [(p.path.parent.name, p.label, p.subject) for p in photos] == [("angry", 0, ""), ("neutral", 6, "")]
+
+
+def test_expected_calibration_error() -> None:
+    confidence = np.array([0.9, 0.9, 0.9, 0.9, 0.3, 0.3])
+    correct = np.array([1, 1, 1, 0, 0, 1], dtype=bool)
+    # Two bins: 0.9 confident and 75% right (gap 0.15, 4 of 6), 0.3 and 50% right (gap 0.2, 2 of 6).
+    assert realfaces.expected_calibration_error(confidence, correct) == pytest.approx(0.15 * 4 / 6 + 0.2 * 2 / 6)
+    assert realfaces.expected_calibration_error(np.array([]), np.array([], dtype=bool)) == 0.0
+
+
+def test_soften_is_a_softmax_temperature() -> None:
+    logits = np.array([[2.0, 1.0, 0.0]])
+    probs = np.exp(logits) / np.exp(logits).sum()
+    expected = np.exp(logits / 2) / np.exp(logits / 2).sum()
+    np.testing.assert_allclose(realfaces.soften(probs, 2.0), expected, rtol=1e-6)
+    np.testing.assert_allclose(realfaces.soften(probs, 1.0), probs, rtol=1e-6)
