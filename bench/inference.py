@@ -37,8 +37,9 @@ from app.settings import BUNDLED_MODEL
 from bench.machine import RESULTS_DIR, command_line, write_result
 from bench.service import MAX_IMAGE_PIXELS, bench_images, parse_concurrency
 from bench.timing import positive_int
+from fercore.calibration import softmax
 from fercore.checkpoint import build_model, load_checkpoint
-from fercore.classifier import OnnxClassifier, softmax
+from fercore.classifier import OnnxClassifier
 from fercore.cpus import available_cpus
 
 log = logging.getLogger(__name__)

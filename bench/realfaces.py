@@ -18,10 +18,10 @@ Split: the subjects of the sets in :data:`DEV_SETS`, alternately by sorted subje
 development half (``dev``); everything else is kept for reporting (``report``), never tuned on.
 
 Variants (``--variants``): ``served`` (the service as configured), ``flip`` (also the crop's mirror,
-probabilities averaged), ``frames`` (a grid of framings of the aligned crop: square side and eyes'
-height, and the unaligned box), ``all``. Each variant's accuracy, macro-F1, per-class recall,
-confusion matrix, and calibration (expected calibration error of ``confidence``, 15 bins; with
-``--temperature T`` also of the probabilities softened by T) are written to
+logits averaged), ``frames`` (a grid of framings of the aligned crop: square side and eyes' height,
+and the unaligned box), ``all``. Each variant's accuracy, macro-F1, per-class recall, confusion
+matrix, and calibration (expected calibration error of ``confidence``, 15 bins, at the model's
+calibrated temperature and uncalibrated, :mod:`fercore.calibration`) are written to
 ``bench/results/realfaces.json``; the confusion matrices of the served variant and of fer as
 pictures beside it, ``bench/results/realfaces/<set>-<split>-<variant>.png``.
 """
@@ -51,6 +51,7 @@ from app.pipeline import decode
 from app.settings import BUNDLED_MODEL, Settings
 from bench.alignment import sign_test
 from bench.machine import RESULTS_DIR, command_line, describe_host, write_result
+from fercore.calibration import calibration_report, softmax
 from fercore.framing import FER2013_FRAME, FaceFrame
 from fercore.labels import CLASS_INDEX, CLASS_NAMES
 from training.metrics import classification_report, plot_confusion_matrix
@@ -61,7 +62,6 @@ SERVED_MODEL = BUNDLED_MODEL.with_name("fer-compact.int8.onnx")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 # Sets whose subjects are split in two for development; the other sets are for reporting only.
 DEV_SETS = ("kdef",)
-ECE_BINS = 15
 # The framings tried by --variants frames: the square's side (times FER2013's) and the eyes' height.
 FRAME_SCALES = (0.85, 0.92, 1.0, 1.08, 1.16, 1.25)
 FRAME_EYES_Y = (0.33, 0.36, 0.39, 0.42, 0.45)
@@ -154,7 +154,7 @@ def frame_name(scale: float, eyes_y: float) -> str:
 def classify_photo(
     photo: Photo, detector: FaceDetector, predictor: Predictor, settings: Settings, variants: list[str]
 ) -> dict[str, np.ndarray]:
-    """Each variant's probabilities for ``photo`` (nothing when no face is found or the file
+    """Each variant's logits for ``photo`` (nothing when no face is found or the file
     is refused as the service would refuse it)."""
     try:
         image, _ = decode(photo.path.read_bytes(), settings.max_image_pixels, detector)
@@ -171,15 +171,16 @@ def classify_photo(
     batch = [crops[n] for n in names]
     if "flip" in variants:
         batch.append(ImageOps.mirror(crops["served"]))
-    probs = predictor.probabilities(predictor.inputs(batch))  # (len(batch), classes)
-    out: dict[str, np.ndarray] = dict(zip(names, probs[: len(names)], strict=True))
+    logits = predictor.classifier.logits(predictor.inputs(batch))  # (len(batch), classes)
+    out: dict[str, np.ndarray] = dict(zip(names, logits[: len(names)], strict=True))
     if "flip" in variants:
-        out["flip"] = (probs[0] + probs[-1]) / 2
+        out["flip"] = (logits[0] + logits[-1]) / 2
     return out
 
 
-def run_ours(photos: list[Photo], model: Path, variants: list[str]) -> dict[str, list[np.ndarray | None]]:
-    """Every variant's answers over ``photos`` with the service's detector settings and ``model``."""
+def run_ours(photos: list[Photo], model: Path, variants: list[str]) -> tuple[dict[str, list[np.ndarray | None]], float]:
+    """Every variant's logits over ``photos`` with the service's detector settings and ``model``,
+    and the model's calibrated temperature."""
     settings = Settings()
     detector = FaceDetector(detector_config(settings))
     predictor = Predictor.from_file(model, source=str(model))
@@ -190,46 +191,26 @@ def run_ours(photos: list[Photo], model: Path, variants: list[str]) -> dict[str,
             column.append(got.get(name))
         if (i + 1) % 200 == 0:
             log.info("%d / %d photos", i + 1, len(photos))
-    return answers
+    return answers, predictor.classifier.meta.temperature
 
 
 def run_fer(photos: list[Photo], fer_python: str) -> list[np.ndarray | None]:
-    """The `fer` library's answers (its own detector, its largest face), in its own environment."""
+    """The `fer` library's answers (its own detector, its largest face), in its own environment, as
+    log-probabilities (so that they score as logits at temperature 1)."""
     with tempfile.TemporaryDirectory() as tmp:
         files, out = Path(tmp) / "files.json", Path(tmp) / "fer.json"
         files.write_text(json.dumps([str(p.path) for p in photos]))
         subprocess.run([fer_python, "-m", "bench.fer_photos", "--files", str(files), "--output", str(out)], check=True)
         rows = json.loads(out.read_text())
-    return [None if row is None else np.asarray(row, dtype=np.float32) for row in rows]
+    return [None if row is None else np.log(np.clip(np.asarray(row, dtype=np.float32), 1e-12, 1.0)) for row in rows]
 
 
 # -- the figures ------------------------------------------------------------------------------------
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """The gap between confidence and accuracy, averaged over equal-width confidence bins by their size."""
-    if len(confidence) == 0:
-        return 0.0
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = index == b
-        if inside.any():
-            total += inside.sum() * abs(float(confidence[inside].mean()) - float(correct[inside].mean()))
-    return total / len(confidence)
-
-
-def soften(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities as the same logits divided by ``temperature`` would give them."""
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
-
-
-def score(labels: np.ndarray, answers: list[np.ndarray | None], temperature: float | None) -> dict[str, Any]:
-    """Accuracy (a photo without a face is wrong), the figures on the photos with a face, calibration."""
+def score(labels: np.ndarray, answers: list[np.ndarray | None], temperature: float) -> dict[str, Any]:
+    """Accuracy (a photo without a face is wrong), the figures on the photos with a face, and the
+    calibration of ``confidence`` at ``temperature`` and uncalibrated; ``answers`` are logits."""
     found = np.asarray([a is not None for a in answers])
     n = len(labels)
     out: dict[str, Any] = {
@@ -239,25 +220,23 @@ def score(labels: np.ndarray, answers: list[np.ndarray | None], temperature: flo
     }
     if not found.any():
         return {**out, "accuracy": 0.0}
-    probs = np.stack([a for a in answers if a is not None])
+    logits = np.stack([a for a in answers if a is not None])
     truth = labels[found]
-    predicted = probs.argmax(axis=1)
-    report = classification_report(truth, predicted, CLASS_NAMES)
-    correct = predicted == truth
+    report = classification_report(truth, logits.argmax(axis=1), CLASS_NAMES)
     out.update(
-        accuracy=float(correct.sum() / n),
+        accuracy=report["accuracy"] * found.sum() / n,
         accuracy_found=report["accuracy"],
         macro_f1=report["macro_f1"],
         per_class_recall={k: v["recall"] for k, v in report["per_class"].items()},
         confusion_matrix=report["confusion_matrix"],
-        mean_confidence=float(probs.max(axis=1).mean()),
-        ece=expected_calibration_error(probs.max(axis=1), correct),
     )
-    if temperature is not None:
-        out["ece_at_temperature"] = {
-            "temperature": temperature,
-            "ece": expected_calibration_error(soften(probs, temperature).max(axis=1), correct),
-        }
+    calibration = calibration_report(logits, truth, temperature)
+    out.update(
+        temperature=temperature,
+        mean_confidence=float(softmax(logits, temperature).max(axis=1).mean()),
+        ece=calibration["ece_calibrated"],
+        ece_uncalibrated=calibration["ece_uncalibrated"],
+    )
     return out
 
 
@@ -287,16 +266,16 @@ def sets_in(data: Path, names: list[str] | None) -> Iterator[tuple[str, Path]]:
 def bench_split(set_name: str, split: str, photos: list[Photo], args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
     log.info("%s / %s: %d photos", set_name, split, len(photos))
     labels = np.asarray([p.label for p in photos])
-    ours = run_ours(photos, args.model, variants)
+    ours, temperature = run_ours(photos, args.model, variants)
     result: dict[str, Any] = {"photos": len(photos), "subjects": len({p.subject for p in photos if p.subject}), "variants": {}}
     for name, answers in ours.items():
-        row = score(labels, answers, args.temperature)
+        row = score(labels, answers, temperature)
         if name != "served":
             row["against_served"] = paired(labels, answers, ours["served"])
         result["variants"][name] = row
     picture(result["variants"]["served"], args.pictures / f"{set_name}-{split}-served.png", f"ours on {set_name} ({split})")
     if args.fer_python:
-        result["fer"] = score(labels, run_fer(photos, args.fer_python), None)
+        result["fer"] = score(labels, run_fer(photos, args.fer_python), 1.0)
         picture(result["fer"], args.pictures / f"{set_name}-{split}-fer.png", f"fer on {set_name} ({split})")
     return result
 
@@ -318,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("dev", "report", "all"), default="all")
     parser.add_argument("--model", type=Path, default=SERVED_MODEL, help="ONNX model (default: the served int8 model)")
     parser.add_argument("--variants", type=parse_variants, default=[], help="served (default), flip, frames, all")
-    parser.add_argument("--temperature", type=float, help="also report the calibration at this softmax temperature")
     parser.add_argument("--fer-python", help="the `fer` library's interpreter (.venv-fer/bin/python): fer beside ours")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "realfaces.json")
     parser.add_argument("--pictures", type=Path, default=RESULTS_DIR / "realfaces")

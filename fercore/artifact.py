@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -161,6 +162,9 @@ class ServedModel:
     created_at: str = ""
     code_version: str = ""
     dataset_fingerprint: str = ""
+    # Softmax temperature fitted on the validation split (fercore.calibration); 1: uncalibrated, as
+    # every file written before calibration existed (its metadata has no such key).
+    temperature: float = 1.0
 
     @classmethod
     def from_props(cls, props: dict[str, str], where: str) -> ServedModel:
@@ -181,11 +185,14 @@ class ServedModel:
                 created_at=props.get("created_at", ""),
                 code_version=props.get("code_version", ""),
                 dataset_fingerprint=props.get("dataset_fingerprint", ""),
+                temperature=float(props.get("temperature", "1")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"{where}: malformed metadata ({type(exc).__name__}: {exc})") from None
         if not classes or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
             raise ModelLoadError(f"{where}: class names must be unique non-empty strings")
+        if not (math.isfinite(model.temperature) and model.temperature > 0):
+            raise ModelLoadError(f"{where}: temperature must be a positive number, got {model.temperature!r}")
         return model
 
     def to_props(self) -> dict[str, str]:
@@ -202,4 +209,5 @@ class ServedModel:
             "created_at": self.created_at,
             "code_version": self.code_version,
             "dataset_fingerprint": self.dataset_fingerprint,
+            "temperature": repr(self.temperature),
         }

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from fercore.artifact import ModelLoadError, ServedModel
+from fercore.calibration import softmax
 from fercore.preprocessing import normalize, prepare_face
 
 # PyTorch checkpoints are zip files; the service runs their ONNX exports instead.
@@ -60,11 +61,16 @@ class OnnxClassifier:
         return np.ascontiguousarray(normalize(crops, self.spec))
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities, float32 (N, classes), for model input ``x`` (see :meth:`inputs`)."""
+        """Class probabilities, float32 (N, classes), for model input ``x`` (see :meth:`inputs`), at
+        the temperature the exporter calibrated (:mod:`fercore.calibration`)."""
+        return softmax(self.logits(x), self.meta.temperature)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The graph's raw output, float32 (N, classes), for model input ``x``."""
         (logits,) = self.session.run(None, {self._input: x})  # (N, classes)
         if logits.shape != (len(x), len(self.classes)):
             raise ValueError(f"model output shape {logits.shape} does not fit {len(self.classes)} classes")
-        return softmax(logits)
+        return logits  # type: ignore[no-any-return]
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -79,13 +85,6 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float32, computed stably (max subtracted)."""
-    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
 def _check_signature(session: ort.InferenceSession, meta: ServedModel, where: str) -> None:

@@ -10,7 +10,10 @@ writes ``model.onnx`` and ``model.int8.onnx`` beside the checkpoint and says whi
 * int8: ONNX Runtime's static quantisation (QDQ, per-channel int8 weights, uint8 activations
   calibrated on :data:`CALIBRATION_FACES` training faces), checked by validation accuracy beside
   the fp32 model's. It is served only if it loses at most ``--int8-tolerance`` (default 0.5 point);
-  otherwise the fp32 model is, and the export says so.
+  otherwise the fp32 model is, and the export says so;
+* calibration: a softmax temperature fitted on the validation split with the served file's logits
+  (:mod:`fercore.calibration`), written into both files, so that the service's ``confidence`` means
+  what it says; the expected calibration error before and after goes into the metrics.
 
 Both files carry the classes, preprocessing, architecture and metrics in their metadata
 (:class:`fercore.artifact.ServedModel`): the service needs nothing else. Training calls
@@ -34,6 +37,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from fercore.artifact import ServedModel
+from fercore.calibration import calibration_report, fit_temperature
 from fercore.checkpoint import Checkpoint, build_model, load_checkpoint
 from fercore.classifier import OnnxClassifier
 from fercore.preprocessing import normalize
@@ -94,8 +98,11 @@ def export_for_serving(
     if serve == FP32_NAME:
         log.warning("int8 loses %.2f points of accuracy (tolerance %.2f): serving fp32", 100 * loss, 100 * int8_tolerance)
     files[INT8_NAME] = int8
+    logits = val_logits(OnnxClassifier.load(folder / serve, threads), val)  # the served file's, calibrated
+    calibration = calibration_report(logits, val.labels, fit_temperature(logits, val.labels))
+    metrics.update({f"calibration_{key}": value for key, value in calibration.items()})
     for path, precision in ((fp32, "fp32"), (int8, "int8")):
-        _write_metadata(path, ckpt, precision, metrics)
+        _write_metadata(path, ckpt, precision, metrics, calibration["temperature"])
     log.info("export: %s", json.dumps(metrics))
     return Export(files, serve, metrics)
 
@@ -155,11 +162,14 @@ def quantize_int8(fp32: Path, path: Path, calibration: np.ndarray, threads: int 
 
 def accuracy(classifier: OnnxClassifier, split: Split, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``classifier`` on the preprocessed faces of ``split``."""
-    preds = [
-        classifier.probabilities(_inputs(split.images[i : i + batch_size], classifier)).argmax(1)
-        for i in range(0, len(split), batch_size)
-    ]
-    return float((np.concatenate(preds) == split.labels).mean())
+    return float((val_logits(classifier, split, batch_size).argmax(1) == split.labels).mean())
+
+
+def val_logits(classifier: OnnxClassifier, split: Split, batch_size: int = 512) -> np.ndarray:
+    """``classifier``'s raw outputs (N, classes) on the preprocessed faces of ``split``."""
+    return np.concatenate(
+        [classifier.logits(_inputs(split.images[i : i + batch_size], classifier)) for i in range(0, len(split), batch_size)]
+    )
 
 
 def _inputs(images: np.ndarray, classifier: OnnxClassifier) -> np.ndarray:
@@ -184,7 +194,9 @@ def _max_prob_diff(model: torch.nn.Module, fp32: Path, val: Split, threads: int,
     return diff
 
 
-def _write_metadata(path: Path, ckpt: Checkpoint, precision: str, export_metrics: dict[str, Any]) -> None:
+def _write_metadata(
+    path: Path, ckpt: Checkpoint, precision: str, export_metrics: dict[str, Any], temperature: float = 1.0
+) -> None:
     """Write the fer metadata (:class:`ServedModel`) into the ONNX file at ``path``, atomically."""
     meta = ServedModel(
         classes=tuple(ckpt.classes),
@@ -196,6 +208,7 @@ def _write_metadata(path: Path, ckpt: Checkpoint, precision: str, export_metrics
         created_at=ckpt.created_at,
         code_version=ckpt.code_version,
         dataset_fingerprint=ckpt.dataset_fingerprint,
+        temperature=temperature,
     )
     graph = onnx.load(str(path))
     del graph.metadata_props[:]
