@@ -29,105 +29,33 @@ pictures beside it, ``bench/results/realfaces/<set>-<split>-<variant>.png``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import ImageOps
 
-from app.errors import ServiceError
-from app.faces import Detection, FaceDetector, crop_faces
-from app.main import detector_config
-from app.model import Predictor
-from app.pipeline import decode
-from app.settings import BUNDLED_MODEL, Settings
+from app.faces import crop_faces
+from app.settings import BUNDLED_MODEL
 from bench.alignment import sign_test
 from bench.machine import RESULTS_DIR, command_line, describe_host, write_result
-from fercore.calibration import calibration_report, softmax
 from fercore.framing import FER2013_FRAME, FaceFrame
-from fercore.labels import CLASS_INDEX, CLASS_NAMES
-from training.metrics import classification_report, plot_confusion_matrix
+from fercore.labels import CLASS_NAMES
+from training.metrics import plot_confusion_matrix
+from training.realfaces import DEV_SETS, Photo, Pipeline, read_set, score, sets_in, split_photos
 
 log = logging.getLogger(__name__)
 
 SERVED_MODEL = BUNDLED_MODEL.with_name("fer-compact.int8.onnx")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
-# Sets whose subjects are split in two for development; the other sets are for reporting only.
-DEV_SETS = ("kdef",)
 # The framings tried by --variants frames: the square's side (times FER2013's) and the eyes' height.
 FRAME_SCALES = (0.85, 0.92, 1.0, 1.08, 1.16, 1.25)
 FRAME_EYES_Y = (0.33, 0.36, 0.39, 0.42, 0.45)
 BOX_MARGINS = (0.0, 0.1, 0.2, 0.3)  # the unaligned crop's margins tried
-
-
-@dataclass(frozen=True)
-class Photo:
-    path: Path
-    label: int  # FER2013 class id
-    subject: str  # who is in it ("" when the set does not say)
-
-
-@dataclass
-class Outcome:
-    """One variant's answers over a list of photos: probabilities (None: no face found)."""
-
-    probs: list[np.ndarray | None] = field(default_factory=list)
-
-
-# -- the data ---------------------------------------------------------------------------------------
-
-
-def read_set(folder: Path) -> list[Photo]:
-    """A set's photos: from ``manifest.csv`` when there is one, else every image in ``<class>/``."""
-    manifest = folder / "manifest.csv"
-    if manifest.is_file():
-        with manifest.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        return [
-            Photo(resolve(folder, row["file"], row["label"]), CLASS_INDEX[row["label"]], row.get("subject", "")) for row in rows
-        ]
-    photos = []
-    for name in CLASS_NAMES:
-        for path in sorted((folder / name).glob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                photos.append(Photo(path, CLASS_INDEX[name], ""))
-    return photos
-
-
-def resolve(folder: Path, file: str, label: str) -> Path:
-    """A manifest's ``file``: relative to the set, or to its class folder."""
-    path = folder / file
-    return path if path.is_file() else folder / label / Path(file).name
-
-
-def split_of(set_name: str, subject: str, subjects: list[str]) -> str:
-    """``dev`` for every other subject (sorted) of a development set, else ``report``."""
-    if set_name not in DEV_SETS or not subject:
-        return "report"
-    return "dev" if subjects.index(subject) % 2 == 0 else "report"
-
-
-def split_photos(set_name: str, photos: list[Photo]) -> dict[str, list[Photo]]:
-    subjects = sorted({p.subject for p in photos if p.subject})
-    out: dict[str, list[Photo]] = {"dev": [], "report": []}
-    for photo in photos:
-        out[split_of(set_name, photo.subject, subjects)].append(photo)
-    return {name: items for name, items in out.items() if items}
-
-
-# -- the pipeline -----------------------------------------------------------------------------------
-
-
-def largest_face(detections: list[Detection]) -> Detection | None:
-    return max(detections, key=lambda d: d.box[2] * d.box[3], default=None)
 
 
 def frames(variants: list[str], served_align: bool = True) -> dict[str, tuple[bool, FaceFrame]]:
@@ -151,27 +79,22 @@ def frame_name(scale: float, eyes_y: float) -> str:
     return f"aligned_scale{scale:.2f}_eyes{eyes_y:.2f}"
 
 
-def classify_photo(
-    photo: Photo, detector: FaceDetector, predictor: Predictor, settings: Settings, variants: list[str]
-) -> dict[str, np.ndarray]:
-    """Each variant's logits for ``photo`` (nothing when no face is found or the file
-    is refused as the service would refuse it)."""
-    try:
-        image, _ = decode(photo.path.read_bytes(), settings.max_image_pixels, detector)
-    except ServiceError as exc:
-        log.warning("%s: refused (%s)", photo.path, exc.detail)
+def classify_photo(photo: Photo, pipeline: Pipeline, variants: list[str]) -> dict[str, np.ndarray]:
+    """Each variant's logits for ``photo`` (nothing when no face is found or the file is refused as
+    the service would refuse it): the service's own decode and detection, then each variant's crop."""
+    found = pipeline.face(photo)
+    if found is None:
         return {}
-    face = largest_face(detector.detect(image))
-    if face is None:
-        return {}
+    image, face = found
     crops = {
-        name: crop_faces(image, [face], align, frame)[0] for name, (align, frame) in frames(variants, detector.align).items()
+        name: crop_faces(image, [face], align, frame)[0]
+        for name, (align, frame) in frames(variants, pipeline.detector.align).items()
     }
     names = list(crops)
     batch = [crops[n] for n in names]
     if "flip" in variants:
         batch.append(ImageOps.mirror(crops["served"]))
-    logits = predictor.classifier.logits(predictor.inputs(batch))  # (len(batch), classes)
+    logits = pipeline.predictor.classifier.logits(pipeline.predictor.inputs(batch))  # (len(batch), classes)
     out: dict[str, np.ndarray] = dict(zip(names, logits[: len(names)], strict=True))
     if "flip" in variants:
         out["flip"] = (logits[0] + logits[-1]) / 2
@@ -179,19 +102,17 @@ def classify_photo(
 
 
 def run_ours(photos: list[Photo], model: Path, variants: list[str]) -> tuple[dict[str, list[np.ndarray | None]], float]:
-    """Every variant's logits over ``photos`` with the service's detector settings and ``model``,
-    and the model's calibrated temperature."""
-    settings = Settings()
-    detector = FaceDetector(detector_config(settings))
-    predictor = Predictor.from_file(model, source=str(model))
+    """Every variant's logits over ``photos`` with the service's pipeline and ``model``, and the
+    model's calibrated temperature."""
+    pipeline = Pipeline.for_model(model)
     answers: dict[str, list[np.ndarray | None]] = {name: [] for name in variant_names(variants)}
     for i, photo in enumerate(photos):
-        got = classify_photo(photo, detector, predictor, settings, variants)
+        got = classify_photo(photo, pipeline, variants)
         for name, column in answers.items():
             column.append(got.get(name))
         if (i + 1) % 200 == 0:
             log.info("%d / %d photos", i + 1, len(photos))
-    return answers, predictor.classifier.meta.temperature
+    return answers, pipeline.predictor.classifier.meta.temperature
 
 
 def run_fer(photos: list[Photo], fer_python: str) -> list[np.ndarray | None]:
@@ -203,41 +124,6 @@ def run_fer(photos: list[Photo], fer_python: str) -> list[np.ndarray | None]:
         subprocess.run([fer_python, "-m", "bench.fer_photos", "--files", str(files), "--output", str(out)], check=True)
         rows = json.loads(out.read_text())
     return [None if row is None else np.log(np.clip(np.asarray(row, dtype=np.float32), 1e-12, 1.0)) for row in rows]
-
-
-# -- the figures ------------------------------------------------------------------------------------
-
-
-def score(labels: np.ndarray, answers: list[np.ndarray | None], temperature: float) -> dict[str, Any]:
-    """Accuracy (a photo without a face is wrong), the figures on the photos with a face, and the
-    calibration of ``confidence`` at ``temperature`` and uncalibrated; ``answers`` are logits."""
-    found = np.asarray([a is not None for a in answers])
-    n = len(labels)
-    out: dict[str, Any] = {
-        "photos": n,
-        "faces_not_found": int((~found).sum()),
-        "not_found_rate": float((~found).mean()) if n else 0.0,
-    }
-    if not found.any():
-        return {**out, "accuracy": 0.0}
-    logits = np.stack([a for a in answers if a is not None])
-    truth = labels[found]
-    report = classification_report(truth, logits.argmax(axis=1), CLASS_NAMES)
-    out.update(
-        accuracy=report["accuracy"] * found.sum() / n,
-        accuracy_found=report["accuracy"],
-        macro_f1=report["macro_f1"],
-        per_class_recall={k: v["recall"] for k, v in report["per_class"].items()},
-        confusion_matrix=report["confusion_matrix"],
-    )
-    calibration = calibration_report(logits, truth, temperature)
-    out.update(
-        temperature=temperature,
-        mean_confidence=float(softmax(logits, temperature).max(axis=1).mean()),
-        ece=calibration["ece_calibrated"],
-        ece_uncalibrated=calibration["ece_uncalibrated"],
-    )
-    return out
 
 
 def paired(labels: np.ndarray, a: list[np.ndarray | None], b: list[np.ndarray | None]) -> dict[str, Any]:
@@ -252,15 +138,6 @@ def picture(report: dict[str, Any], path: Path, title: str) -> None:
     if "confusion_matrix" in report:
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_confusion_matrix(report["confusion_matrix"], CLASS_NAMES, path, title)
-
-
-# -- the run ----------------------------------------------------------------------------------------
-
-
-def sets_in(data: Path, names: list[str] | None) -> Iterator[tuple[str, Path]]:
-    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
-        if names is None or folder.name in names:
-            yield folder.name, folder
 
 
 def bench_split(set_name: str, split: str, photos: list[Photo], args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:

@@ -62,17 +62,27 @@ class Conflict(Exception):
 # ---------------------------------------------------------------------------- the gate
 
 
+# The real-photo figures a run's metrics carry when trained with --realfaces (training.realfaces).
+REALFACES_ACCURACY = "realfaces_dev_accuracy"
+REALFACES_SET = "realfaces_dev_set"
+
+
 @dataclass(frozen=True)
 class Gate:
     """When a candidate may replace the served model.
 
     Its ``val_accuracy`` must reach ``min_accuracy``; and where a model is served, be measured on
     the same validation split of the same dataset (fingerprint) and be no lower than the served
-    model's minus ``tolerance``. A model that cannot be compared is refused (``--force`` exists).
+    model's minus ``tolerance``. With ``realfaces_tolerance`` set, its accuracy on the real-photo
+    development set (``realfaces_dev_accuracy``, the whole service pipeline on photos that are not
+    FER2013: :mod:`training.realfaces`) must also be no lower than the served model's on the same
+    photos minus that, so that a model better on FER2013 but worse on real photos is not promoted
+    silently. A model that cannot be compared is refused (``--force`` exists).
     """
 
     tolerance: float = 0.0
     min_accuracy: float = 0.0
+    realfaces_tolerance: float | None = None  # None: real photos are not looked at
 
     def refusal(self, candidate: LatestPointer, current: LatestPointer | None) -> str | None:
         """Why ``candidate`` may not replace ``current``, with the figures; None if it may."""
@@ -93,11 +103,33 @@ class Gate:
                 f"val_accuracy {acc:.4f} of run {candidate.run_id} is below {served:.4f} of the promoted run "
                 f"{current.run_id} (tolerance {self.tolerance:.4f})"
             )
+        return self.realfaces_refusal(candidate, current)
+
+    def realfaces_refusal(self, candidate: LatestPointer, current: LatestPointer) -> str | None:
+        """Why ``candidate`` reads real photos worse than ``current``; None if it does not (or the
+        gate does not look at real photos)."""
+        if self.realfaces_tolerance is None:
+            return None
+        ours, theirs = _number(candidate, REALFACES_ACCURACY), _number(current, REALFACES_ACCURACY)
+        if ours is None or theirs is None:
+            missing = f"run {candidate.run_id}" if ours is None else f"the promoted run {current.run_id}"
+            return f"{missing} has no {REALFACES_ACCURACY} (train with --realfaces DIR to measure it)"
+        if candidate.metrics.get(REALFACES_SET) != current.metrics.get(REALFACES_SET):
+            return f"run {candidate.run_id} and the promoted run {current.run_id} were measured on different real photos"
+        if ours < theirs - self.realfaces_tolerance:
+            return (
+                f"{REALFACES_ACCURACY} {ours:.4f} of run {candidate.run_id} is below {theirs:.4f} of the promoted run "
+                f"{current.run_id} (tolerance {self.realfaces_tolerance:.4f})"
+            )
         return None
 
 
 def _accuracy(pointer: LatestPointer) -> float | None:
-    value = pointer.metrics.get("val_accuracy")
+    return _number(pointer, "val_accuracy")
+
+
+def _number(pointer: LatestPointer, key: str) -> float | None:
+    value = pointer.metrics.get(key)
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 

@@ -6,10 +6,16 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageOps
 
 from bench import realfaces
+from fercore import storage
+from tests.test_train import TINY
+from tests.utils import synthetic
 from tests.utils.photos import photo
+from training import train
+from training.realfaces import read_set, split_photos
 
 
 def make_set(root: Path) -> Path:
@@ -60,9 +66,9 @@ def test_a_set_is_split_by_subject_and_scored_through_the_service_pipeline(tmp_p
 def test_a_set_that_is_not_for_development_is_all_reporting(tmp_path: Path) -> None:
     folder = make_set(tmp_path / "data")
     folder.rename(tmp_path / "data" / "jaffe")
-    photos = realfaces.read_set(tmp_path / "data" / "jaffe")
-    assert set(realfaces.split_photos("jaffe", photos)) == {"report"}
-    assert len(realfaces.split_photos("kdef", photos)["dev"]) == 2
+    photos = read_set(tmp_path / "data" / "jaffe")
+    assert set(split_photos("jaffe", photos)) == {"report"}
+    assert len(split_photos("kdef", photos)["dev"]) == 2
 
 
 def test_class_folders_without_a_manifest_are_read_too(tmp_path: Path) -> None:
@@ -70,5 +76,26 @@ def test_class_folders_without_a_manifest_are_read_too(tmp_path: Path) -> None:
         (tmp_path / label).mkdir()
         Image.new("RGB", (64, 64)).save(tmp_path / label / "a.jpg")
     (tmp_path / "angry" / "notes.txt").write_text("not an image")
-    photos = realfaces.read_set(tmp_path)
+    photos = read_set(tmp_path)
     assert [(p.path.parent.name, p.label, p.subject) for p in photos] == [("angry", 0, ""), ("neutral", 6, "")]
+
+
+def test_a_run_trained_with_realfaces_carries_its_real_photo_figures(tmp_path: Path) -> None:
+    """--realfaces: the served export is measured on the development photos through the service
+    pipeline, into the run's metrics (what the gate compares); a folder without any is refused
+    before training starts."""
+    make_set(tmp_path / "real")
+    data_zip = synthetic.write_zip(tmp_path / "archive.zip", synthetic.default_splits(per_class=12))
+    out = tmp_path / "runs"
+    argv = ["--data", str(data_zip), "--output", str(out), "--epochs", "1", *TINY]
+    assert train.main([*argv, "--realfaces", str(tmp_path / "real"), "--promote-realfaces-tolerance", "0.1"]) == 0
+    (metrics_file,) = out.glob("*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["realfaces_dev_photos"] == 2 and metrics["realfaces_dev_not_found"] == 0
+    assert metrics["realfaces_dev_accuracy"] in (0.0, 0.5)  # the same astronaut under two labels
+    assert metrics["realfaces_dev_set"].startswith("sha256:")
+    assert storage.read_latest(out).metrics["realfaces_dev_accuracy"] == metrics["realfaces_dev_accuracy"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, "--realfaces", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2

@@ -58,12 +58,15 @@ def served_file_matches(uri: str) -> bool:
     return hashlib.sha256(storage.read_bytes(pointer.model_uri(uri))).hexdigest() == pointer.sha256
 
 
-def candidate(uri: str, tmp_path: Path, run_id: str, accuracy: float | None, split: str = "val") -> LatestPointer:
-    """A published run (its model random bytes: the registry never reads models), not promoted."""
+def candidate(
+    uri: str, tmp_path: Path, run_id: str, accuracy: float | None, split: str = "val", **extra: float | str
+) -> LatestPointer:
+    """A published run (its model random bytes: the registry never reads models), not promoted;
+    ``extra``: more metrics."""
     model = tmp_path / "src" / run_id / "model.pt"
     model.parent.mkdir(parents=True)
     model.write_bytes(os.urandom(1000))
-    metrics: dict[str, float | str] = {"val_split": split}
+    metrics: dict[str, float | str] = {"val_split": split, **extra}
     if accuracy is not None:
         metrics["val_accuracy"] = accuracy
     return storage.publish_run(uri, run_id, {"model.pt": model}, metrics=metrics, dataset_fingerprint="fp", promote=False)
@@ -115,6 +118,30 @@ def test_train_publishes_the_gate_refuses_force_promotes_rollback_restores(
         ("3", "rollback", BUNDLED_RUN),
     ]
     assert "training.promote --output" in out and "--force" in out and "@" in out  # who and what
+
+
+def test_the_gate_can_refuse_a_model_that_reads_real_photos_worse(tmp_path: Path) -> None:
+    """Better on FER2013 but worse on the real-photo development set: refused with both figures,
+    when the gate looks at real photos; promoted when it does not."""
+    uri, real = str(tmp_path / "models"), Gate(realfaces_tolerance=0.0)
+    photos = {"realfaces_dev_set": "sha256:abc"}
+    assert registry.promote(
+        uri, candidate(uri, tmp_path, "base", 0.60, realfaces_dev_accuracy=0.50, **photos), real, ACTOR
+    ).promoted
+    worse = registry.promote(
+        uri, candidate(uri, tmp_path, "fer-better", 0.62, realfaces_dev_accuracy=0.45, **photos), real, ACTOR
+    )
+    assert not worse.promoted
+    assert worse.reason == (
+        "realfaces_dev_accuracy 0.4500 of run fer-better is below 0.5000 of the promoted run base (tolerance 0.0000)"
+    )
+    assert registry.promote(uri, storage.read_run(uri, "fer-better"), Gate(realfaces_tolerance=0.06), ACTOR).promoted
+    unmeasured = registry.promote(uri, candidate(uri, tmp_path, "unmeasured", 0.63), real, ACTOR)
+    assert not unmeasured.promoted and "run unmeasured has no realfaces_dev_accuracy" in unmeasured.reason
+    other = candidate(uri, tmp_path, "other", 0.63, realfaces_dev_accuracy=0.9, realfaces_dev_set="sha256:def")
+    refused = registry.promote(uri, other, real, ACTOR)
+    assert not refused.promoted and "measured on different real photos" in refused.reason
+    assert registry.promote(uri, storage.read_run(uri, "unmeasured"), Gate(), ACTOR).promoted  # not asked: not looked at
 
 
 def test_the_gate_gives_both_figures_and_honours_tolerance_and_floor(tmp_path: Path) -> None:

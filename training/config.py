@@ -77,6 +77,11 @@ class TrainConfig:
     promote: Literal["if-better", "always", "never"] = "if-better"  # if-better: through the gate
     promote_tolerance: float = 0.0  # the gate accepts a val_accuracy this much below the served one
     promote_min_accuracy: float = 0.0  # and never one below this
+    # a folder of labeled real-photo sets (training.realfaces): the served export is measured on its
+    # development photos through the service pipeline, and the gate refuses a run that reads them
+    # worse than the served model by more than promote_realfaces_tolerance
+    realfaces: str | None = None
+    promote_realfaces_tolerance: float = 0.0
     # tracking
     wandb: bool = False
     wandb_project: str = "fer2013"

@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="skip the gate (saying what it skipped)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="accept a val_accuracy this much below the served one")
     parser.add_argument("--min-accuracy", type=float, default=0.0, help="refuse a val_accuracy below this, always")
+    parser.add_argument(
+        "--realfaces-tolerance",
+        type=float,
+        help="also refuse a run whose realfaces_dev_accuracy (trained with --realfaces) is this much below the served one's",
+    )
     return parser
 
 
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    gate = Gate(tolerance=args.tolerance, min_accuracy=args.min_accuracy)
+    gate = Gate(tolerance=args.tolerance, min_accuracy=args.min_accuracy, realfaces_tolerance=args.realfaces_tolerance)
     actor = Actor.here(shlex.join(["training.promote", *(sys.argv[1:] if argv is None else argv)]))
     try:
         if args.list:

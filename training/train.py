@@ -38,7 +38,7 @@ from fercore.labels import CLASS_NAMES
 from fercore.models import ModelConfig, count_parameters
 from fercore.models.transfer import load_pretrained
 from fercore.preprocessing import PreprocessSpec, normalize
-from training import promote, runtime
+from training import promote, realfaces, runtime
 from training.augment import AugmentConfig, augment, mix_batch
 from training.config import TrainConfig, add_config_flags, resolve_config
 from training.data import FerData, Split, load_fer2013, train_val_split
@@ -495,6 +495,8 @@ def finish_run(run: Run) -> dict[str, Any]:
     save_checkpoint(best, run.folder / "model.pt", with_training_state=False)
     export = export_for_serving(run.folder / "model.pt", run.data.dataset)
     metrics = best.metrics = {**metrics, **export.metrics}  # the export's checks go into the report files too
+    if run.cfg.realfaces:  # what users' photos get: the served file through the service pipeline
+        metrics = best.metrics = {**metrics, **realfaces.evaluate(export.files[export.serve], Path(run.cfg.realfaces))}
     write_report_files(run, best, report, metrics)
     print(format_report(report))
     outcome = publish(run, best, export)
@@ -525,7 +527,11 @@ def publish(run: Run, best: Checkpoint, export: Export) -> registry.Outcome:
         created_at=best.created_at,
         dataset_fingerprint=run.data.dataset.fingerprint,
     )
-    gate = registry.Gate(tolerance=run.cfg.promote_tolerance, min_accuracy=run.cfg.promote_min_accuracy)
+    gate = registry.Gate(
+        tolerance=run.cfg.promote_tolerance,
+        min_accuracy=run.cfg.promote_min_accuracy,
+        realfaces_tolerance=run.cfg.promote_realfaces_tolerance if run.cfg.realfaces else None,
+    )
     actor = registry.Actor.here("training.train")
     return promote.publish_and_promote(run.output, files, export.serve, info, run.cfg.promote, gate, actor)
 
@@ -557,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = resolve_config(args.config, args)
         output = args.output
+    if cfg.realfaces:  # refused now, not after hours of training
+        try:
+            realfaces.photos_of(Path(cfg.realfaces), "dev")
+        except ValueError as exc:
+            parser.error(f"--realfaces: {exc}")
     run(cfg, args.data, output, resume)
     return 0
 
