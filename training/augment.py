@@ -23,6 +23,17 @@ class AugmentConfig:
     translate: float = 0.1  # fraction of the image size
     erase_prob: float = 0.5
     erase_area: tuple[float, float] = (0.02, 0.2)
+    # What a face cut from a user's photo has and FER2013's faces may not (docs/realfaces.md): the
+    # fraction of samples blurred (Gaussian, sigma up to blur_sigma pixels: focus, motion, a small
+    # face upscaled), seen at a lower resolution (down to lowres_min of the side, then back up: a
+    # face under 48 px in the photo), and lit from one side (a linear ramp of up to shade_strength
+    # standard deviations across the face: histogram equalisation removes global lighting, not this).
+    blur_prob: float = 0.0
+    blur_sigma: float = 1.2
+    lowres_prob: float = 0.0
+    lowres_min: float = 0.5
+    shade_prob: float = 0.0
+    shade_strength: float = 1.0
 
 
 def _uniform(n: int, low: float, high: float, like: Tensor, gen: torch.Generator) -> Tensor:
@@ -69,7 +80,58 @@ def random_erasing(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tenso
     return x.masked_fill((inside & apply).unsqueeze(1), 0.0)
 
 
+def random_blur(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
+    """A Gaussian blur of random sigma (0.5 to ``blur_sigma`` px) on a ``blur_prob`` fraction of the
+    samples: one separable kernel per sample, applied as a grouped convolution."""
+    n, c, h, w = x.shape
+    radius = max(1, math.ceil(2.5 * cfg.blur_sigma))
+    sigma = _uniform(n, 0.5, cfg.blur_sigma, x, gen).view(n, 1)
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype).view(1, -1)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (N, 2r+1)
+    flat = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    rows = kernel.repeat_interleave(c, 0).view(n * c, 1, 1, -1)
+    cols = rows.view(n * c, 1, -1, 1)
+    blurred = F.conv2d(F.conv2d(flat, rows, groups=n * c), cols, groups=n * c).view(n, c, h, w)
+    apply = (torch.rand(n, device=x.device, generator=gen) < cfg.blur_prob).view(n, 1, 1, 1)
+    return torch.where(apply, blurred, x)
+
+
+def random_lowres(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
+    """A ``lowres_prob`` fraction of the samples shrunk to a random ``lowres_min``-1 of their side
+    (area averaging, as Pillow's resize does) and enlarged back (bilinear, as the service does)."""
+    n, _, h, w = x.shape
+    apply = torch.rand(n, device=x.device, generator=gen) < cfg.lowres_prob
+    factor = _uniform(n, cfg.lowres_min, 1.0, x, gen)
+    out = x.clone()
+    for i in torch.nonzero(apply).flatten().tolist():
+        side = max(4, round(h * float(factor[i])))
+        small = F.interpolate(x[i : i + 1], size=(side, max(4, round(w * side / h))), mode="area")
+        out[i : i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return out
+
+
+def random_shading(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
+    """A linear ramp across the face in a random direction, rising up to ``shade_strength`` (standard
+    deviations of the normalised pixels) per side length, on a ``shade_prob`` fraction."""
+    n, _, h, w = x.shape
+    angle = _uniform(n, 0.0, 2 * math.pi, x, gen).view(n, 1, 1)
+    strength = _uniform(n, 0.0, cfg.shade_strength, x, gen).view(n, 1, 1)
+    ys = torch.linspace(-0.5, 0.5, h, device=x.device, dtype=x.dtype).view(1, h, 1)
+    xs = torch.linspace(-0.5, 0.5, w, device=x.device, dtype=x.dtype).view(1, 1, w)
+    ramp = strength * (torch.cos(angle) * xs + torch.sin(angle) * ys)  # (N, H, W)
+    apply = (torch.rand(n, device=x.device, generator=gen) < cfg.shade_prob).view(n, 1, 1)
+    return x + (ramp * apply).unsqueeze(1)
+
+
 def augment(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
+    # The camera's defects first (they happen before the face is cut out), then the framing's.
+    if cfg.lowres_prob > 0:
+        x = random_lowres(x, cfg, gen)
+    if cfg.blur_prob > 0:
+        x = random_blur(x, cfg, gen)
+    if cfg.shade_prob > 0:
+        x = random_shading(x, cfg, gen)
     x = random_affine(x, cfg, gen)
     if cfg.erase_prob > 0:
         x = random_erasing(x, cfg, gen)

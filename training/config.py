@@ -48,6 +48,10 @@ class TrainConfig:
     scale_max: float = 1.15
     translate: float = 0.1
     erase_prob: float = 0.5
+    # a user's photo's defects (training.augment.AugmentConfig): blur, low resolution, side lighting
+    blur_prob: float = 0.0
+    lowres_prob: float = 0.0
+    shade_prob: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 0.0  # fraction of batches that get MixUp or CutMix

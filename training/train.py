@@ -137,6 +137,9 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
         scale=(cfg.scale_min, cfg.scale_max),
         translate=cfg.translate,
         erase_prob=cfg.erase_prob,
+        blur_prob=cfg.blur_prob,
+        lowres_prob=cfg.lowres_prob,
+        shade_prob=cfg.shade_prob,
     )
 
 
