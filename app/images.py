@@ -3,7 +3,7 @@
 Untrusted input: the format is sniffed from the bytes (never the client's content type),
 only a few plain raster formats are opened (no EPS, which would run Ghostscript), the pixel
 count is checked from the header before anything is decoded, and every decoder failure
-becomes a 4xx :class:`~app.errors.ServiceError`. A broken EXIF block is ignored (the image is
+becomes a 4xx :class:`~app.failures.ServiceError`. A broken EXIF block is ignored (the image is
 used as stored), not refused. ``tests/utils/corpus.py`` holds the hostile files this is tested on.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import CorruptImage, ImageTooLarge, UnsupportedImage
+from app.failures import CorruptImage, ImageTooLarge, UnsupportedImage
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app import routes
 from app.access import RequestTelemetry
+from app.analysis import detector_config
 from app.batching import MicroBatcher
 from app.concurrency import InferenceLimiter, RefuseWhenFull
 from app.errors import install_error_handlers
-from app.faces import DetectorConfig, FaceDetector
+from app.faces import FaceDetector
 from app.images import configure_pillow
 from app.limits import MULTIPART_OVERHEAD, BodySizeLimit
 from app.loader import ModelLoader
@@ -45,17 +46,6 @@ from app.settings import Settings, load_settings
 from app.tracing import Tracing
 
 VERSION = "0.1.0"
-
-
-def detector_config(settings: Settings) -> DetectorConfig:
-    """The face detector's settings (FACE_*)."""
-    return DetectorConfig(
-        score_threshold=settings.face_score_threshold,
-        nms_iou=settings.face_nms_iou,
-        max_side=settings.face_detect_max_side,
-        align=settings.face_align,
-        grid=settings.face_detect_grid,
-    )
 
 
 @asynccontextmanager

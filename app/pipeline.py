@@ -1,5 +1,7 @@
-"""The request pipeline: uploaded bytes -> decode -> locate the faces -> classify them -> faces.
+"""The service's request pipeline: :mod:`app.analysis`'s steps, admitted, batched and measured.
 
+The steps themselves (decode -> detect -> align -> crop -> classify) live in :mod:`app.analysis`,
+shared with the Python API and the command line (:mod:`ferkit`); this module decides where they run.
 One path for ``POST /predict`` (one upload) and ``POST /predict/batch`` (several): each request is
 admitted once by the :class:`~app.concurrency.InferenceLimiter` (503 beyond its bound), decodes and
 finds its faces in an inference slot, then has its crops classified by a :class:`Classify`:
@@ -8,7 +10,7 @@ finds its faces in an inference slot, then has its crops classified by a :class:
 * :class:`ClassifyBatched`: a forward pass shared with other requests' faces
   (:class:`~app.batching.MicroBatcher`), the request still admitted while it waits.
 
-A file that cannot be used (empty, too large, corrupt) is a :class:`~app.errors.ServiceError` in its
+A file that cannot be used (empty, too large, corrupt) is a :class:`~app.failures.ServiceError` in its
 place; the other files of a batch are still classified.
 """
 
@@ -18,32 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from opentelemetry.trace import NoOpTracer, Tracer
+from opentelemetry.trace import Tracer
 from PIL import Image
 
-from app import explain as explaining
+from app.analysis import NO_TRACER, Analyzer, Located, Outcome, assign, crops_of, explain_faces, locate_uploads
 from app.batching import MicroBatcher
 from app.concurrency import InferenceLimiter
-from app.errors import ServiceError
-from app.faces import Box, Detection, FaceDetector, crop_faces, crop_region, whole_image_crop
-from app.images import decode_image_reduced
+from app.faces import FaceDetector
+from app.failures import ServiceError
 from app.metrics import Metrics
 from app.model import Prediction, Predictor
-from app.schemas import Explanation, Face
-
-NO_TRACER = NoOpTracer()
-
-
-@dataclass(frozen=True)
-class Located:
-    """The faces found in one image (in its pixels), the crops to classify, and where each crop lies."""
-
-    detections: list[Detection]
-    crops: list[Image.Image]
-    regions: list[Box]  # the part of the image each crop shows (app.faces.crop_region)
-
-
-Outcome = list[Face] | ServiceError  # one upload's faces, or why it has none
+from app.schemas import Face
 
 
 class Classify(Protocol):
@@ -110,82 +97,12 @@ class Pipeline:
 
     def locate_uploads(self, uploads: Sequence[bytes | ServiceError]) -> list[Located | ServiceError]:
         """Decode each upload and find its faces (blocking: runs in a slot)."""
-        located: list[Located | ServiceError] = []
-        for upload in uploads:
-            if isinstance(upload, ServiceError):
-                located.append(upload)
-                continue
-            try:
-                image, scale = decode(upload, self.max_pixels, self.detector, self.tracer)
-                located.append(locate(image, scale, self.detector, self.tracer))
-            except ServiceError as exc:
-                located.append(exc)
-        return located
+        return locate_uploads(uploads, self.max_pixels, self.detector, self.tracer)
 
     def explain(self, located: Sequence[Located | ServiceError], outcomes: list[Outcome]) -> list[Outcome]:
-        """``outcomes`` with an explanation for the largest faces of the request, in place (blocking:
-        runs in a slot). At most :data:`app.explain.MAX_EXPLAINED_FACES` faces, in one forward pass."""
-        entries = [
-            (faces, j, item)
-            for item, faces in zip(located, outcomes, strict=True)
-            if isinstance(item, Located) and isinstance(faces, list)
-            for j in range(len(faces))
-        ]
-        chosen = [entries[k] for k in explaining.largest([item.detections[j].box for _, j, item in entries])]
-        with self.tracer.start_as_current_span("explain", attributes={"fer.faces": len(chosen)}):
-            heatmaps = explaining.explain(self.predictor, [item.crops[j] for _, j, item in chosen])
-        for (faces, j, item), heatmap in zip(chosen, heatmaps, strict=True):
-            explanation = Explanation(
-                method=explaining.METHOD,
-                emotion=self.predictor.classes[heatmap.class_index],
-                png=heatmap.png_base64(),
-                box=item.regions[j],
-                forward_passes=explaining.GRID**2 + 1,
-                max_drop=heatmap.max_drop,
-            )
-            faces[j] = faces[j].model_copy(update={"explanation": explanation})
-        return outcomes
+        """:func:`app.analysis.explain_faces` with this request's model (blocking: runs in a slot)."""
+        return explain_faces(self.predictor, located, outcomes, self.tracer)
 
-
-def decode(data: bytes, max_pixels: int, detector: FaceDetector | None, tracer: Tracer = NO_TRACER) -> tuple[Image.Image, float]:
-    """:func:`~app.images.decode_image_reduced` in a ``decode`` span (a rejected file ends it in error):
-    for a ``detector``, a large JPEG is decoded at reduced size; the scale back to the file's pixels
-    comes with it."""
-    max_side = detector.max_side if detector is not None else None
-    with tracer.start_as_current_span("decode", attributes={"fer.bytes": len(data)}) as span:
-        image, scale = decode_image_reduced(data, max_pixels, max_side)
-        span.set_attribute("fer.image.width", image.width)
-        span.set_attribute("fer.image.height", image.height)
-        return image, scale
-
-
-def locate(image: Image.Image, scale: float, detector: FaceDetector | None, tracer: Tracer = NO_TRACER) -> Located:
-    """The faces in ``image`` (reported in the pixels of an image ``scale`` times as large: the
-    file's) and the crops to classify; without a detector, the whole image is the one face."""
-    if detector is None:
-        whole = (0, 0, *image.size)
-        return Located([Detection(whole, 1.0)], [whole_image_crop(image)], [whole])  # shrunk: see whole_image_crop
-    with tracer.start_as_current_span("detect_faces") as span:
-        detections = detector.detect(image)
-        span.set_attribute("fer.faces", len(detections))
-    crops = crop_faces(image, detections, detector.align)
-    regions = [crop_region(d, image.size, detector.align) for d in detections]
-    scaled: list[Box] = [tuple(round(v * scale) for v in region) for region in regions]  # type: ignore[misc]
-    return Located([d.scaled(scale) for d in detections], crops, scaled)
-
-
-def crops_of(located: Sequence[Located | ServiceError]) -> list[Image.Image]:
-    """Every crop to classify, in upload order."""
-    return [crop for item in located if not isinstance(item, ServiceError) for crop in item.crops]
-
-
-def assign(located: Sequence[Located | ServiceError], predictions: Sequence[Prediction]) -> list[Outcome]:
-    """Each upload's faces from its boxes and its share of ``predictions`` (:func:`crops_of`'s order)."""
-    remaining = iter(predictions)
-    return [
-        item if isinstance(item, ServiceError) else [to_face(d, next(remaining)) for d in item.detections] for item in located
-    ]
-
-
-def to_face(detection: Detection, prediction: Prediction) -> Face:
-    return Face(box=detection.box, landmarks=detection.landmarks, **prediction)
+    def analyzer(self) -> Analyzer:
+        """The same steps, to be run whole in one inference slot (a video: :mod:`app.routes.video`)."""
+        return Analyzer(self.predictor, self.detector, self.max_pixels, self.tracer)

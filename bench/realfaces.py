@@ -4,7 +4,7 @@
     python -m bench.realfaces --data DIR --split dev --variants frames       # tuning: development subjects only
     python -m bench.realfaces --data DIR --fer-python .venv-fer/bin/python   # the `fer` library beside ours
 
-Each photo goes through the service's own code (:mod:`app.pipeline`'s ``decode``, the service's
+Each photo goes through the service's own code (:mod:`app.analysis`'s ``decode``, the service's
 :class:`~app.faces.FaceDetector` with the settings' defaults, :func:`app.faces.crop_faces`, the
 served int8 ONNX model's :class:`~app.model.Predictor`): decode -> detect -> align -> crop ->
 classify, nothing copied. Each photo shows one face; the largest face found is the answer, and a

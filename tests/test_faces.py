@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image, ImageOps
 
-from app import faces, pipeline
+from app import analysis, faces
 from app.faces import (
     LANDMARKS,
     MODEL_PATH,
@@ -265,7 +265,7 @@ def test_a_large_jpeg_is_decoded_reduced_and_its_faces_reported_in_its_pixels(de
     png = io.BytesIO()
     big.save(png, format="PNG")
     assert decode_image_reduced(png.getvalue(), 40_000_000, 1024)[0].size == (2048, 2048)  # not a JPEG: full size
-    (face,) = pipeline.locate(*pipeline.decode(jpeg(big), 40_000_000, detector), detector).detections
+    (face,) = analysis.locate(*analysis.decode(jpeg(big), 40_000_000, detector), detector).detections
     assert_astronaut_face(face.box, scale=4.0)  # in the 2048-px file's pixels
     assert contains(face.box, face.landmarks["nose_tip"])
 
@@ -294,7 +294,7 @@ def test_a_crowd_in_a_large_photo_is_found_in_a_grid_of_squares(detector: FaceDe
         crowd.paste(astronaut(), ((i % 3) * 512, (i // 3) * 512))
     (whole, *squares) = faces.windows(crowd.size)
     assert len(squares) == 9 and {s[2] for s in squares} == {768}
-    found = pipeline.locate(*pipeline.decode(jpeg(crowd), 40_000_000, detector), detector).detections
+    found = analysis.locate(*analysis.decode(jpeg(crowd), 40_000_000, detector), detector).detections
     assert len(found) == 9
     for face in found:
         assert_astronaut_face((face.box[0] % 512, face.box[1] % 512, face.box[2], face.box[3]))

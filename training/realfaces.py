@@ -2,7 +2,7 @@
 
 The service's accuracy on FER2013's own faces says little about users' photos, so a run can also be
 measured on real photo sets through the very code the service runs: decode -> detect -> align ->
-crop -> classify (:mod:`app.pipeline`'s ``decode``, :class:`app.faces.FaceDetector` with the
+crop -> classify (:mod:`app.analysis`'s ``decode``, :class:`app.faces.FaceDetector` with the
 service's default settings, :func:`app.faces.crop_faces`, the exported ONNX model). Each photo shows
 one face: the largest face found is the answer, and a photo without one counts as wrong.
 
@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from app.analysis import decode, detector_config
 from app.errors import ServiceError
 from app.faces import Detection, FaceDetector, crop_faces
-from app.main import detector_config
 from app.model import Predictor
-from app.pipeline import decode
 from app.settings import Settings
 from fercore.calibration import calibration_report, softmax
 from fercore.labels import CLASS_INDEX, CLASS_NAMES
