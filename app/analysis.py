@@ -8,8 +8,10 @@ Nothing here imports a web framework or a server; a failure is a :class:`~app.fa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from typing import TypeVar
 
 from opentelemetry.trace import NoOpTracer, Tracer
 from PIL import Image
@@ -19,10 +21,16 @@ from app.faces import Box, Detection, DetectorConfig, FaceDetector, crop_faces, 
 from app.failures import ImageTooLarge, ServiceError
 from app.images import decode_image_reduced, to_gray_or_rgb
 from app.model import Prediction, Predictor
-from app.schemas import Explanation, Face
+from app.schemas import Explanation, Face, FaceTrack, TrackedFace, VideoSummary
 from app.settings import Settings
+from app.tracking import Tracker
+from app.video import Frame, Video
 
 NO_TRACER = NoOpTracer()
+# Sampled video frames whose faces are classified in one forward pass.
+VIDEO_CHUNK = 8
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,14 @@ def explain_faces(
 
 
 @dataclass(frozen=True)
+class AnalysedFrame:
+    """One sampled video frame and its faces, each on its track."""
+
+    frame: Frame
+    faces: list[TrackedFace]
+
+
+@dataclass(frozen=True)
 class Analyzer:
     """The whole pipeline in the caller's thread: what :mod:`ferkit` and the video route run.
 
@@ -178,3 +194,54 @@ class Analyzer:
         if explain:
             outcomes = explain_faces(self.predictor, located, outcomes, self.tracer)
         return [faces for faces in outcomes if isinstance(faces, list)]
+
+    def video(self, video: Video, fps: float | None = None, tracker: Tracker | None = None) -> Iterator[AnalysedFrame]:
+        """Each frame sampled at ``fps`` (None: every frame) with its tracked faces, as they are
+        analysed (one frame's pixels held at a time, :data:`VIDEO_CHUNK` frames' faces classified together)."""
+        tracker = tracker or Tracker()
+        for chunk in batched(video.frames(fps), VIDEO_CHUNK):
+            faces = self.classify([self.locate(frame.image) for frame in chunk])
+            for frame, found in zip(chunk, faces, strict=True):
+                yield AnalysedFrame(frame, tracker.update(found, frame.index, frame.time_s))
+
+
+class VideoTracks:
+    """A video's analysed frames gathered into per-face tracks, as they come (their faces only:
+    no frame's pixels are kept)."""
+
+    def __init__(self) -> None:
+        self.tracks: dict[int, list[TrackedFace]] = {}
+        self.frames = 0
+        self.last_s = 0.0
+
+    def add(self, item: AnalysedFrame) -> None:
+        self.frames, self.last_s = self.frames + 1, item.frame.time_s
+        for face in item.faces:
+            self.tracks.setdefault(face.track_id, []).append(face)
+
+    def result(self, video: Video, fps: float | None) -> tuple[VideoSummary, list[FaceTrack]]:
+        """The video's size and length, and each face's track, by id."""
+        summary = VideoSummary(
+            width=video.info.width,
+            height=video.info.height,
+            duration_s=round(self.last_s, 4),
+            sample_fps=fps,
+            frames_analysed=self.frames,
+        )
+        tracks = [FaceTrack(id=i, first_s=fs[0].time_s, last_s=fs[-1].time_s, faces=fs) for i, fs in self.tracks.items()]
+        return summary, tracks
+
+
+def video_summary(video: Video, fps: float | None, frames: Iterable[AnalysedFrame]) -> tuple[VideoSummary, list[FaceTrack]]:
+    """What a whole video's analysis comes to (:class:`VideoTracks` over ``frames``)."""
+    tracks = VideoTracks()
+    for item in frames:
+        tracks.add(item)
+    return tracks.result(video, fps)
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter): itertools.batched, from Python 3.12."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -73,6 +73,36 @@ class Face(BaseModel):
     )
 
 
+class TrackedFace(Face):
+    """A face in one sampled frame of a video, with the track it belongs to (app.tracking)."""
+
+    track_id: int = Field(ge=1, description="the face's track: the same id for the same face from frame to frame")
+    frame: int = Field(ge=0, description="the frame's index among the video's decoded frames")
+    time_s: float = Field(ge=0.0, description="the frame's time, seconds from the video's first frame")
+    smoothed_emotion: str = Field(examples=["happy"], description="the top class of `smoothed_scores`")
+    smoothed_scores: dict[str, float] = Field(
+        description="the track's scores smoothed over time: an exponential moving average of its faces' scores, time"
+        " constant 0.5 s (weight 1 - exp(-dt / 0.5 s) for a face dt seconds after the track's previous one)"
+    )
+
+
+class FaceTrack(BaseModel):
+    """One face followed through a video."""
+
+    id: int = Field(ge=1)
+    first_s: float = Field(description="time of its first frame, s")
+    last_s: float = Field(description="time of its last frame, s")
+    faces: list[TrackedFace] = Field(description="the face in each sampled frame it was found in, in time order")
+
+
+class VideoSummary(BaseModel):
+    width: int = Field(description="frame width, pixels")
+    height: int = Field(description="frame height, pixels")
+    duration_s: float = Field(description="time of the last decoded frame, s")
+    sample_fps: float | None = Field(description="frames analysed per second of video (null: every frame)")
+    frames_analysed: int
+
+
 class ModelRef(BaseModel):
     """Which model answered a prediction."""
 
@@ -89,6 +119,14 @@ class PredictResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     faces: list[Face]
+    model: ModelRef
+
+
+class VideoResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    video: VideoSummary
+    tracks: list[FaceTrack] = Field(description="one per face followed, by id (the order faces first appeared in)")
     model: ModelRef
 
 

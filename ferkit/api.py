@@ -1,0 +1,134 @@
+"""The Python API: :class:`Analyzer` and :func:`analyze`, over the service's own pipeline.
+
+The same steps as ``POST /predict`` (:mod:`app.analysis`: decode, detect with BlazeFace, align,
+crop, classify with the ONNX model) in the caller's thread, with the same settings (the FACE_*,
+MAX_IMAGE_PIXELS, MODEL_URI variables, :class:`app.settings.Settings`) and the same answers: a list
+of :class:`~app.schemas.Face` (``.model_dump()`` gives the JSON's dicts). No server, no web
+framework, no PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from app import analysis
+from app.analysis import AnalysedFrame, detector_config
+from app.faces import FaceDetector
+from app.model import Predictor
+from app.schemas import Face, ModelRef, PredictResponse, VideoResponse
+from app.settings import Settings, load_settings
+from app.tracking import Tracker
+from app.video import Video, VideoLimits
+
+ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+VideoInput = str | os.PathLike[str] | bytes
+
+
+class Analyzer:
+    """A loaded model and face detector; reuse it across calls (loading takes about a second).
+
+    ``model``: an ONNX file, a folder with ``latest.json`` or a gs:// URI (as MODEL_URI); default
+    MODEL_URI, else the bundled model. ``detect=False``: each image is one face crop, as
+    ``POST /predict?detect=false``. ``threads``: ONNX Runtime's threads (default: the CPUs this
+    process may use). ``settings``: default, read from the environment.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        detect: bool = True,
+        threads: int = 0,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or load_settings()
+        uri = os.fspath(model) if model is not None else self.settings.resolved_model_uri()
+        threads = threads or self.settings.resolved_inference_threads()
+        predictor = Predictor.from_uri(uri, timeout=self.settings.gcs_timeout_s, threads=threads)
+        predictor.warm_up()
+        detector = FaceDetector(detector_config(self.settings), threads=threads) if detect else None
+        self.core = analysis.Analyzer(predictor, detector, self.settings.max_image_pixels)
+
+    @property
+    def model(self) -> ModelRef:
+        """Which model answers: version, architecture, sha256 (as in the service's answers)."""
+        return ModelRef.from_info(self.core.predictor.info)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.core.predictor.classes)
+
+    def analyze(self, image: ImageInput, explain: bool = False) -> list[Face]:
+        """The faces in ``image``: a path, a file's bytes, a PIL image, or a uint8 numpy array (H, W),
+        (H, W, 3) RGB or (H, W, 4) RGBA. Left to right; ``explain``: the 4 largest also get a heatmap.
+
+        A file that is not a usable image raises a :class:`~app.failures.ServiceError` subclass
+        (``CorruptImage``, ``UnsupportedImage``, ``ImageTooLarge``...) with ``.status_code`` and ``.detail``.
+        """
+        if isinstance(image, bytes):
+            return self.core.upload(image, explain)
+        if isinstance(image, str | os.PathLike):
+            return self.core.upload(Path(image).read_bytes(), explain)
+        return self.core.images([to_pil(image)], explain)[0]
+
+    def predict_response(self, image: ImageInput, explain: bool = False) -> PredictResponse:
+        """:meth:`analyze` in the shape ``POST /predict`` answers (faces and model)."""
+        return PredictResponse(faces=self.analyze(image, explain), model=self.model)
+
+    @contextmanager
+    def video_frames(
+        self, video: VideoInput, fps: float | None = None, limits: VideoLimits | None = None
+    ) -> Iterator[tuple[Video, Iterator[AnalysedFrame]]]:
+        """The open video and its sampled frames, analysed as they are iterated (each with its
+        tracked faces: :mod:`app.tracking`); ``fps`` None: every frame. Bad video raises a
+        :class:`~app.failures.ServiceError` (``CorruptVideo``, ``NoVideoStream``...)."""
+        source = video if isinstance(video, bytes) else Path(video)
+        limits = limits or VideoLimits(max_frame_pixels=self.settings.max_image_pixels)
+        with Video(source, limits) as opened:
+            yield opened, self.core.video(opened, fps, Tracker())
+
+    def analyze_video(self, video: VideoInput, fps: float | None = None, limits: VideoLimits | None = None) -> VideoResponse:
+        """Every face of ``video`` followed through the frames sampled at ``fps``: what
+        ``POST /predict/video`` answers (per-face tracks, each face's raw and smoothed emotion)."""
+        with self.video_frames(video, fps, limits) as (opened, frames):
+            summary, tracks = analysis.video_summary(opened, fps, frames)
+        return VideoResponse(video=summary, tracks=tracks, model=self.model)
+
+
+def to_pil(image: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image as it is; a uint8 array (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA as one."""
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a path, bytes, a PIL image or a numpy array, not {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 array (0-255), not {image.dtype}: e.g. (array * 255).astype(np.uint8)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"expected an array of shape (H, W), (H, W, 3) or (H, W, 4), not {image.shape}")
+    return Image.fromarray(np.ascontiguousarray(image))
+
+
+@functools.cache
+def default_analyzer(model: str | None = None) -> Analyzer:
+    """One :class:`Analyzer` per model for :func:`analyze`, loaded on first use."""
+    return Analyzer(model)
+
+
+def analyze(image: ImageInput, explain: bool = False, model: str | None = None) -> list[Face]:
+    """The faces in ``image`` (see :meth:`Analyzer.analyze`), with a default :class:`Analyzer`
+    kept for the next call: the bundled model, or MODEL_URI's, or ``model``."""
+    return default_analyzer(model).analyze(image, explain)
+
+
+def analyze_video(video: VideoInput, fps: float | None = None, model: str | None = None) -> VideoResponse:
+    """Each face of ``video`` tracked through its frames (see :meth:`Analyzer.analyze_video`)."""
+    return default_analyzer(model).analyze_video(video, fps)

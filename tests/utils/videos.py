@@ -1,0 +1,74 @@
+"""Real videos for the video tests and benchmark, written with PyAV from a real photo.
+
+:func:`moving_face_video` pans a 640x360 window over skimage's astronaut photo so her face moves
+across the frame, and brightens the picture over time (the pixels change, not just their place):
+a face to track and classify frame after frame. Other helpers make the bad inputs: audio only,
+a truncated file, frames larger than a bound.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from tests.utils.photos import photo
+
+SIZE = (640, 360)
+
+
+def moving_face_frames(count: int, size: tuple[int, int] = SIZE) -> list[Image.Image]:
+    """``count`` frames of ``size``: the astronaut's face drifting right to left and back, the
+    picture growing brighter. Her face stays whole in every frame."""
+    source = photo("astronaut").resize((768, 768), Image.Resampling.BILINEAR)  # face ~100-140 px wide
+    width, height = size
+    frames = []
+    for i in range(count):
+        phase = i / max(1, count - 1)
+        left = round(120 * (1 - abs(2 * phase - 1)))  # 0 -> 120 -> 0 px: the face moves in the frame
+        window = source.crop((left, 40, left + width, 40 + height))
+        frames.append(ImageEnhance.Brightness(window).enhance(0.8 + 0.4 * phase))
+    return frames
+
+
+def write_video(path: Path | io.BytesIO, frames: list[Image.Image], fps: int = 30, codec: str = "libx264") -> None:
+    """``frames`` (one size) as an H.264 MP4 (or ``codec``) at ``fps``."""
+    with av.open(path, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(image.convert("RGB"))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def video_bytes(frames: list[Image.Image], fps: int = 30, codec: str = "libx264") -> bytes:
+    buffer = io.BytesIO()
+    write_video(buffer, frames, fps, codec)
+    return buffer.getvalue()
+
+
+def moving_face_video(seconds: float = 2.0, fps: int = 30, size: tuple[int, int] = SIZE) -> bytes:
+    """:func:`moving_face_frames` as an MP4 of ``seconds`` at ``fps``."""
+    return video_bytes(moving_face_frames(round(seconds * fps), size), fps)
+
+
+def audio_only(seconds: float = 1.0) -> bytes:
+    """An M4A (AAC) of a 440 Hz tone: a media file FFmpeg opens, with no picture."""
+    rate = 44_100
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=rate)
+        samples = (0.2 * np.sin(2 * np.pi * 440 * np.arange(round(seconds * rate)) / rate)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
