@@ -23,7 +23,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -68,6 +68,7 @@ def train_steps(cfg: TrainConfig, device: torch.device, bf16: bool, steps: int, 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    step_model = cast(torch.nn.Module, torch.compile(model)) if cfg.compile else model  # as training.train runs it
     n = cfg.batch_size * (steps + warmup)
     images = torch.randint(0, 256, (n, spec.input_size, spec.input_size), dtype=torch.uint8, device=device)  # (N, 48, 48)
     labels = torch.randint(0, len(CLASS_NAMES), (n,), device=device)
@@ -82,7 +83,7 @@ def train_steps(cfg: TrainConfig, device: torch.device, bf16: bool, steps: int, 
         nonlocal step
         batch = make_batch(images, labels, perm[step * cfg.batch_size : (step + 1) * cfg.batch_size], cfg, aug, spec, gen)
         step += 1
-        loss, logits = train_step(model, None, batch, optimizer, scheduler, cfg, bf16)
+        loss, logits = train_step(step_model, None, batch, optimizer, scheduler, cfg, bf16)
         loss.item()  # train_one_epoch reads the loss and the hit count every step: two host syncs
         int((logits.argmax(1) == batch.hard).sum())
 

@@ -165,3 +165,21 @@ def test_alignment_sign_test() -> None:
     assert sign_test(5, 5) == 1.0
     assert sign_test(10, 0) == pytest.approx(2 / 1024)
     assert sign_test(3, 12) == sign_test(12, 3) == pytest.approx(0.0352, abs=1e-4)
+
+
+def test_train_speed_compares_each_option_with_the_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import train_speed
+
+    out = tmp_path / "speed.json"
+    argv = ["--rounds", "2", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--output", str(out)]
+    # torch.compile's tracing alone takes most of a minute here: the test leaves it out.
+    assert train_speed.main([*argv, "--options", "default,fp32,bf16_nchw,fp32_nchw"]) == 0
+    rows = _read(out, "train_speed")["results"]["options"]
+    assert rows.keys() == {"default", "fp32", "bf16_nchw", "fp32_nchw"}
+    assert train_speed.options(2)["compile"] == {"compile": True}
+    assert rows["default"]["ratio_to_default"] == 1.0 and len(rows["default"]["rounds"]) == 2
+    assert all(row["images_per_s"] > 0 for row in rows.values())
+    assert rows["fp32"]["changes"] == {"precision": "fp32"}
+    assert "| fp32 | precision=fp32 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_speed.main([*argv, "--options", "fp32"])  # no default to compare with
