@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import TypeVar
 
 from opentelemetry.trace import NoOpTracer, Tracer
@@ -24,7 +25,7 @@ from app.model import Prediction, Predictor
 from app.schemas import Explanation, Face, FaceTrack, TrackedFace, VideoSummary
 from app.settings import Settings
 from app.tracking import Tracker
-from app.video import Frame, Video
+from app.video import Frame, Video, VideoLimits
 
 NO_TRACER = NoOpTracer()
 # Sampled video frames whose faces are classified in one forward pass.
@@ -203,6 +204,11 @@ class Analyzer:
             faces = self.classify([self.locate(frame.image) for frame in chunk])
             for frame, found in zip(chunk, faces, strict=True):
                 yield AnalysedFrame(frame, tracker.update(found, frame.index, frame.time_s))
+
+    def video_tracks(self, source: Path | bytes, fps: float | None, limits: VideoLimits) -> tuple[VideoSummary, list[FaceTrack]]:
+        """A whole video's analysis: its size and length, and each face's track (blocking)."""
+        with Video(source, limits) as video:
+            return video_summary(video, fps, self.video(video, fps))
 
 
 class VideoTracks:

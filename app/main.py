@@ -100,9 +100,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tracing = tracing = Tracing(settings, service_version=VERSION)
     per_file = settings.max_upload_bytes + MULTIPART_OVERHEAD
     app.add_middleware(
-        BodySizeLimit, max_body_bytes=per_file, path_limits={"/predict/batch": settings.max_batch_files * per_file}
+        BodySizeLimit,
+        max_body_bytes=per_file,
+        path_limits={
+            "/predict/batch": settings.max_batch_files * per_file,
+            "/predict/video": settings.max_video_upload_bytes + MULTIPART_OVERHEAD,
+        },
     )
-    app.add_middleware(RefuseWhenFull, paths=("/predict", "/predict/batch"))  # before the body limit reads anything
+    # Before the body limit reads anything.
+    app.add_middleware(RefuseWhenFull, paths=("/predict", "/predict/batch", "/predict/video"))
     app.add_middleware(RequestTelemetry, metrics=metrics)  # added last: outside the body limit, sees its 413s
     install_error_handlers(app)
     app.include_router(routes.health.router)

@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 class Settings(BaseSettings):
     """Read from the environment (no prefix, case-insensitive): ``MODEL_URI``, ``MAX_UPLOAD_BYTES``,
     ``MAX_IMAGE_PIXELS``, ``INFERENCE_THREADS``, ``MAX_BATCH_FILES``, ``MAX_CONCURRENT_INFERENCES``,
-    ``MAX_QUEUE``, ``BATCH_MAX_SIZE``, ``BATCH_MAX_WAIT_MS``, the face detector's
+    ``MAX_QUEUE``, ``BATCH_MAX_SIZE``, ``BATCH_MAX_WAIT_MS``, the video bounds (``MAX_VIDEO_UPLOAD_BYTES``,
+    ``MAX_VIDEO_DURATION_S``, ``MAX_VIDEO_FRAMES``, ``MAX_VIDEO_FRAME_PIXELS``), the face detector's
     (``FACE_SCORE_THRESHOLD``, ``FACE_NMS_IOU``, ``FACE_DETECT_MAX_SIDE``, ``FACE_ALIGN``,
     ``FACE_DETECT_GRID``), the model loading and
     reloading variables (``MODEL_LOAD_RETRIES``, ``MODEL_LOAD_BACKOFF_S``, ``GCS_TIMEOUT_S``,
@@ -76,6 +77,15 @@ class Settings(BaseSettings):
     # queued while the previous pass ran are batched, a lone request never waits. A wait adds up to
     # itself to every request's latency at low load, for little more throughput under load.
     batch_max_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+
+    # POST /predict/video (app.video): the largest upload, in bytes (30 MiB: with the multipart
+    # envelope, under Cloud Run's 32 MiB request limit); the longest video, in seconds (its header's
+    # duration and its frames' timestamps); the most frames analysed (at the request's fps); the
+    # largest frame, in pixels, checked from the stream's header before decoding (default: 4K UHD).
+    max_video_upload_bytes: int = Field(default=30 * 1024 * 1024, gt=0)
+    max_video_duration_s: float = Field(default=60.0, gt=0, le=3600)
+    max_video_frames: int = Field(default=600, ge=1, le=100_000)
+    max_video_frame_pixels: int = Field(default=3840 * 2160, gt=0)
 
     # Face detection (app.faces, docs/faces.md): BlazeFace full-range on ONNX Runtime.
     # Lowest detection score (0-1) a face is reported with: lower finds more faces (smaller,

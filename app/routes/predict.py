@@ -1,4 +1,4 @@
-"""Emotion prediction: the faces in an uploaded image, or in each of several."""
+"""Emotion prediction: the faces in an uploaded image, in each of several, or followed through a video."""
 
 from __future__ import annotations
 
@@ -10,17 +10,23 @@ from app import explain as explaining
 from app.deps import BatcherDep, DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
 from app.errors import (
     CorruptImage,
+    CorruptVideo,
     EmptyFile,
     ImageTooLarge,
     ModelNotReady,
+    NoVideoFrames,
+    NoVideoStream,
     PayloadTooLarge,
     ServerBusy,
     ServiceError,
     TooManyFiles,
     UnsupportedImage,
+    VideoFrameTooLarge,
+    VideoTooLong,
 )
 from app.pipeline import Classify, ClassifyBatched, ClassifyInSlot, Pipeline
-from app.schemas import BatchResponse, ErrorBody, FileError, FileFaces, FileFailure, ModelRef, PredictResponse
+from app.schemas import BatchResponse, ErrorBody, FileError, FileFaces, FileFailure, ModelRef, PredictResponse, VideoResponse
+from app.video import VideoLimits
 
 router = APIRouter(tags=["predict"])
 
@@ -61,6 +67,21 @@ _BATCH_ERRORS = _error_docs(
         503: (_BUSY, [ModelNotReady.message, ServerBusy.message]),
     }
 )
+_VIDEO_ERRORS = _error_docs(
+    {
+        400: (
+            "empty file, not a video FFmpeg can read, or no picture in it",
+            [EmptyFile.message, CorruptVideo.message, NoVideoStream.message, NoVideoFrames.message],
+        ),
+        413: (
+            "file over MAX_VIDEO_UPLOAD_BYTES, video over MAX_VIDEO_DURATION_S, more frames to analyse than"
+            " MAX_VIDEO_FRAMES, or frames over MAX_VIDEO_FRAME_PIXELS",
+            [PayloadTooLarge.message, VideoTooLong.message, VideoFrameTooLarge.message],
+        ),
+        503: (_BUSY, [ModelNotReady.message, ServerBusy.message]),
+    }
+)
+VIDEO_FORMATS = "MP4, MOV, WebM, MKV, AVI... (what FFmpeg reads: H.264, HEVC, VP8/9, AV1, MPEG-4...)"
 
 DetectParam = Annotated[
     bool,
@@ -146,6 +167,35 @@ async def predict_batch(
         for file, outcome in zip(files, outcomes, strict=True)
     ]
     return BatchResponse(results=results, model=ModelRef.from_info(pipeline.predictor.info))
+
+
+FpsParam = Annotated[
+    float,
+    Query(gt=0, le=30, description="frames analysed per second of video: the first frame of each 1/fps s"),
+]
+
+
+@router.post("/predict/video", response_model=VideoResponse, responses=_VIDEO_ERRORS)
+async def predict_video(
+    file: Annotated[UploadFile, File(description=f"a video: {VIDEO_FORMATS}")],
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    fps: FpsParam = 5.0,
+) -> VideoResponse:
+    """Follow each face through a video: its emotion in every frame analysed, raw and smoothed.
+
+    Frames are sampled at `fps`; in each, faces are found and classified as by `POST /predict`, then
+    matched to the faces of the frames before by the overlap of their boxes (a face unseen for 1 s
+    ends its track). Each track's scores are smoothed over time: an exponential moving average with a
+    0.5 s time constant. Bounded: the upload (MAX_VIDEO_UPLOAD_BYTES, 30 MiB), the duration
+    (MAX_VIDEO_DURATION_S, 60 s), the frames analysed (MAX_VIDEO_FRAMES, 600) and the frame size
+    (MAX_VIDEO_FRAME_PIXELS, 4K): a 413 beyond them. The whole video takes one inference slot.
+    """
+    data = await read_upload(file, settings.max_video_upload_bytes)
+    limits = VideoLimits(settings.max_video_duration_s, settings.max_video_frames, settings.max_video_frame_pixels)
+    async with pipeline.limiter.admit():
+        summary, tracks = await pipeline.limiter.run_admitted(pipeline.analyzer().video_tracks, data, fps, limits)
+    return VideoResponse(video=summary, tracks=tracks, model=ModelRef.from_info(pipeline.predictor.info))
 
 
 async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
