@@ -27,7 +27,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from fercore.framing import (
-    FER2013_FRAME,
+    SERVED_FRAME,
     MAX_CROP_SIDE,
     Box,
     FaceFrame,
@@ -301,7 +301,7 @@ def to_detection(row: np.ndarray, score: float, size: tuple[int, int]) -> Detect
 
 
 def crop_faces(
-    image: Image.Image, detections: Sequence[Detection], align: bool = True, frame: FaceFrame = FER2013_FRAME
+    image: Image.Image, detections: Sequence[Detection], align: bool = True, frame: FaceFrame = SERVED_FRAME
 ) -> list[Image.Image]:
     """One crop per detection, as :func:`fercore.framing.face_crop` frames it: turned so the eyes are
     level and framed as FER2013's faces are when ``align`` and the keypoints are known; else the box
@@ -309,7 +309,7 @@ def crop_faces(
     return [face_crop(image, d.box, d.landmarks, align, frame) for d in detections]
 
 
-def crop_region(detection: Detection, size: tuple[int, int], align: bool = True, frame: FaceFrame = FER2013_FRAME) -> Box:
+def crop_region(detection: Detection, size: tuple[int, int], align: bool = True, frame: FaceFrame = SERVED_FRAME) -> Box:
     """Where :func:`crop_faces`'s crop of ``detection`` lies in an image of ``size``
     (:func:`fercore.framing.face_region`)."""
     return face_region(detection.box, detection.landmarks, size, align, frame)

@@ -44,7 +44,7 @@ from app.faces import crop_faces
 from app.settings import BUNDLED_MODEL
 from bench.alignment import sign_test
 from bench.machine import RESULTS_DIR, command_line, describe_host, write_result
-from fercore.framing import FER2013_FRAME, FaceFrame
+from fercore.framing import FER2013_FRAME, SERVED_FRAME, FaceFrame
 from fercore.labels import CLASS_NAMES
 from training.metrics import plot_confusion_matrix
 from training.realfaces import DEV_SETS, Photo, Pipeline, read_set, score, sets_in, split_photos
@@ -53,14 +53,14 @@ log = logging.getLogger(__name__)
 
 SERVED_MODEL = BUNDLED_MODEL.with_name("fer-compact.int8.onnx")
 # The framings tried by --variants frames: the square's side (times FER2013's) and the eyes' height.
-FRAME_SCALES = (0.85, 0.92, 1.0, 1.08, 1.16, 1.25)
+FRAME_SCALES = (0.7, 0.75, 0.8, 0.85, 0.92, 1.0, 1.08, 1.16)
 FRAME_EYES_Y = (0.33, 0.36, 0.39, 0.42, 0.45)
 BOX_MARGINS = (0.0, 0.1, 0.2, 0.3)  # the unaligned crop's margins tried
 
 
 def frames(variants: list[str], served_align: bool = True) -> dict[str, tuple[bool, FaceFrame]]:
     """Each crop variant's name, alignment and framing: the service's own first."""
-    out = {"served": (served_align, FER2013_FRAME)}
+    out = {"served": (served_align, SERVED_FRAME)}
     if "frames" in variants:
         for scale in FRAME_SCALES:
             for eyes_y in FRAME_EYES_Y:

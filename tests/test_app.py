@@ -36,7 +36,7 @@ from app.model import ModelLoadError, Predictor
 from app.routes import predict as predict_routes
 from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
 from fercore.cpus import available_cpus, cgroup_cpu_quota
-from fercore.framing import FER2013_FRAME, expand_box
+from fercore.framing import SERVED_FRAME, expand_box
 from fercore.labels import CLASS_NAMES
 from fercore.storage import LATEST, publish_run, sha256_file
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
@@ -356,16 +356,17 @@ def test_each_face_is_classified_from_its_aligned_crop(client: TestClient) -> No
     (right_x, right_y), (left_x, left_y) = face["landmarks"]["right_eye"], face["landmarks"]["left_eye"]
     assert right_x < left_x and abs(right_y - left_y) < 10  # her right eye on the image's left, both level
     ((w, h),) = seen
-    assert w == h and face["box"][2] < w < 1.6 * face["box"][2]  # a square a bit larger than the box
+    # A square about the box's size (fercore.framing.SERVED_FRAME: 0.85 of FER2013's framing, which is larger).
+    assert w == h and 0.7 * face["box"][2] < w < 1.6 * face["box"][2]
 
 
-def test_without_alignment_the_crop_is_the_box_with_a_margin(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+def test_without_alignment_the_crop_is_the_box_with_the_served_margin(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
     with running_app(monkeypatch, MODEL_URI=str(model_path), FACE_ALIGN="false") as client:
         seen = spy_on_crops(client)
         (face,) = post_image(client, photo_jpeg("astronaut")).json()["faces"]
-    _, _, w, h = expand_box(tuple(face["box"]), FER2013_FRAME.margin, 512, 512)
+    _, _, w, h = expand_box(tuple(face["box"]), SERVED_FRAME.margin, 512, 512)
     assert seen == [(w, h)]
-    assert w > face["box"][2]  # the margin is there
+    assert (w, h) == tuple(face["box"][2:])  # the served margin is none: the detector's box as it is
 
 
 def test_faces_are_found_in_the_upright_image(client: TestClient) -> None:

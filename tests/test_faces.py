@@ -30,7 +30,7 @@ from app.faces import (
     weighted_nms,
 )
 from app.images import decode_image_reduced
-from fercore.framing import MAX_CROP_SIDE
+from fercore.framing import FER2013_FRAME, MAX_CROP_SIDE
 from tests.utils.photos import assert_astronaut_face, photo
 
 # The astronaut's face centre in skimage's 512x512 photo (between the eyes and the mouth), in pixels.
@@ -244,10 +244,11 @@ def test_detection_scaled_maps_box_and_keypoints() -> None:
 def test_crop_faces_without_alignment_cuts_each_box_with_margin() -> None:
     image = Image.fromarray(np.arange(100 * 120, dtype=np.uint32).reshape(100, 120).astype(np.uint8))
     detections = [Detection((10, 20, 30, 40), 0.9), Detection((100, 80, 20, 20), 0.8)]
-    crops = crop_faces(image, detections, align=False)
+    crops = crop_faces(image, detections, align=False, frame=FER2013_FRAME)  # a 10% margin
     assert [c.size for c in crops] == [(36, 48), (22, 22)]  # the second is clipped at the corner
     np.testing.assert_array_equal(np.asarray(crops[0]), np.asarray(image)[16:64, 7:43])
-    assert crop_faces(image, detections, align=True)[0].size == (36, 48)  # no keypoints: the box
+    assert crop_faces(image, detections, align=True, frame=FER2013_FRAME)[0].size == (36, 48)  # no keypoints: the box
+    assert [c.size for c in crop_faces(image, detections, align=False)] == [(30, 40), (20, 20)]  # served: no margin
 
 
 def jpeg(image: Image.Image) -> bytes:

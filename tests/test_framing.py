@@ -11,6 +11,7 @@ from PIL import Image
 from app.faces import Detection, crop_faces, crop_region
 from fercore.framing import (
     FER2013_FRAME,
+    SERVED_FRAME,
     FaceFrame,
     aligned_crop,
     box_crop,
@@ -56,6 +57,15 @@ def test_the_fer2013_frame_is_the_medians_measured_on_publictest() -> None:
     assert FER2013_FRAME.scaled(1.1).side_per_eyes == pytest.approx(2.76 * 1.1)
 
 
+def test_the_service_crops_tighter_than_fer2013s_medians_as_the_development_set_chose() -> None:
+    """fercore.framing.SERVED_FRAME: the square 0.85 of FER2013's, the eyes as high, no box margin."""
+    assert SERVED_FRAME.side_per_eyes == pytest.approx(0.85 * FER2013_FRAME.side_per_eyes)
+    assert SERVED_FRAME.side_per_eyes_mouth == pytest.approx(0.85 * FER2013_FRAME.side_per_eyes_mouth)
+    assert SERVED_FRAME.eyes_y == FER2013_FRAME.eyes_y and SERVED_FRAME.margin == 0.0
+    image, landmarks = two_eyes_and_a_mouth()
+    assert face_crop(image, (150, 150, 100, 100), landmarks).size == aligned_crop(image, landmarks, SERVED_FRAME).size
+
+
 @pytest.mark.parametrize("bad", [{"side_per_eyes": 0}, {"eyes_y": 1.0}, {"eyes_y": 0}, {"margin": -0.1}])
 def test_an_unusable_frame_is_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="not a usable face frame"):
@@ -79,7 +89,7 @@ def test_the_service_crops_with_the_shared_framing() -> None:
 
 def test_without_keypoints_the_box_is_cut_with_the_frames_margin() -> None:
     image = Image.fromarray(np.arange(100 * 120, dtype=np.uint32).reshape(100, 120).astype(np.uint8))
-    crop = face_crop(image, (10, 20, 30, 40), {}, align=True)  # no keypoints: the box, even aligned
+    crop = face_crop(image, (10, 20, 30, 40), {}, align=True, frame=FER2013_FRAME)  # no keypoints: the box, even aligned
     np.testing.assert_array_equal(np.asarray(crop), np.asarray(image)[16:64, 7:43])
     assert box_crop(image, (10, 20, 30, 40), FaceFrame(margin=0.0)).size == (30, 40)
     assert expand_box((100, 100, 50, 40), FER2013_FRAME.margin, 1000, 1000) == (95, 96, 60, 48)
