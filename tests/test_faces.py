@@ -312,3 +312,18 @@ def test_a_face_filling_a_large_photo_is_cropped_at_a_bounded_size(detector: Fac
     assert found.box[2] > 4 * MAX_CROP_SIDE  # the face itself is far larger than the cap
     (crop,) = crop_faces(big, [found], align)
     assert max(crop.size) <= MAX_CROP_SIDE and min(crop.size) >= MAX_CROP_SIDE // 2
+
+
+def test_a_face_filling_the_photo_is_found_zoomed_out(detector: FaceDetector) -> None:
+    """A photo cropped to the face (a selfie cut to the face, a face-only data set) is larger than
+    the model's anchors expect: seen whole it is missed, so it is looked at again zoomed out; the
+    box and keypoints come back in the photo's own pixels."""
+    tight = photo("astronaut").crop((180, 65, 270, 160)).resize((100, 110))  # brows to chin
+    found = detector._run(tight, (0, 0, *tight.size))[1]
+    assert len(found) == 0  # the model alone misses it
+    (face,) = detector.detect(tight)
+    x, y, w, h = face.box
+    assert x >= 0 and y >= 0 and x + w <= 100 and y + h <= 110 and w >= 80  # the face, filling the photo
+    (rx, ry), (lx, ly) = face.landmarks["right_eye"], face.landmarks["left_eye"]
+    assert 15 < rx < lx < 85 and 25 < ry < 60 and 25 < ly < 60  # the eyes where they are in the crop
+    assert detector.detect(photo("coffee")) == []  # and nothing where there is no face, zoomed out or not
