@@ -89,17 +89,22 @@ class Analyzer:
         """The open video and its sampled frames, analysed as they are iterated (each with its
         tracked faces: :mod:`app.tracking`); ``fps`` None: every frame. Bad video raises a
         :class:`~app.failures.ServiceError` (``CorruptVideo``, ``NoVideoStream``...)."""
-        source = video if isinstance(video, bytes) else Path(video)
-        limits = limits or VideoLimits(max_frame_pixels=self.settings.max_image_pixels)
-        with Video(source, limits) as opened:
+        with Video(video_source(video), limits or self.video_limits()) as opened:
             yield opened, self.core.video(opened, fps, Tracker())
 
     def analyze_video(self, video: VideoInput, fps: float | None = None, limits: VideoLimits | None = None) -> VideoResponse:
         """Every face of ``video`` followed through the frames sampled at ``fps``: what
         ``POST /predict/video`` answers (per-face tracks, each face's raw and smoothed emotion)."""
-        with self.video_frames(video, fps, limits) as (opened, frames):
-            summary, tracks = analysis.video_summary(opened, fps, frames)
+        summary, tracks = self.core.video_tracks(video_source(video), fps, limits or self.video_limits())
         return VideoResponse(video=summary, tracks=tracks, model=self.model)
+
+    def video_limits(self) -> VideoLimits:
+        """A local video's bounds: any length; frames within MAX_IMAGE_PIXELS, as photos."""
+        return VideoLimits(max_frame_pixels=self.settings.max_image_pixels)
+
+
+def video_source(video: VideoInput) -> Path | bytes:
+    return video if isinstance(video, bytes) else Path(video)
 
 
 def to_pil(image: Image.Image | np.ndarray) -> Image.Image:

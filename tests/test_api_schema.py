@@ -32,6 +32,7 @@ OPERATIONS = [
     "GET /model",
     "POST /predict",
     "POST /predict/batch",
+    "POST /predict/video",
     "GET /metrics",
     "POST /admin/reload",
 ]

@@ -72,3 +72,27 @@ def audio_only(seconds: float = 1.0) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+def frameless_video() -> bytes:
+    """An AVI whose header declares an MPEG-4 video stream, with not one frame in it."""
+    buffer = io.BytesIO()
+    container = av.open(buffer, mode="w", format="avi")
+    stream = container.add_stream("mpeg4", rate=30)
+    stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+    container.start_encoding()  # the header, and nothing after it
+    container.close()
+    return buffer.getvalue()
+
+
+def huge_frame_video(side: int = 10_000) -> bytes:
+    """A MOV of one black ``side`` x ``side`` PNG frame: 100 megapixels in ~120 KB."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mov") as container:
+        stream = container.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = side, side, "gray"
+        frame = av.VideoFrame(side, side, "gray")
+        frame.planes[0].update(bytes(frame.planes[0].buffer_size))
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return buffer.getvalue()
