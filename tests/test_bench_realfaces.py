@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageOps
 
-from bench import realfaces
+from bench import realfaces, realfaces_sets
 from fercore import storage
+from fercore.labels import CLASS_NAMES
 from tests.test_train import TINY
 from tests.utils import synthetic
 from tests.utils.photos import photo
@@ -99,3 +102,49 @@ def test_a_run_trained_with_realfaces_carries_its_real_photo_figures(tmp_path: P
     with pytest.raises(SystemExit) as exit_info:
         train.main([*argv, "--realfaces", str(tmp_path / "empty")])
     assert exit_info.value.code == 2
+
+
+def git_repo(folder: Path, files: dict[str, bytes]) -> str:
+    """A git repository holding ``files`` (path -> bytes) in one commit; that commit's id."""
+    for path, data in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    run = functools.partial(subprocess.run, cwd=folder, check=True, capture_output=True)
+    run(["git", "init", "-q"])
+    run(["git", "add", "."])
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "images"])
+    return run(["git", "rev-parse", "HEAD"], text=True).stdout.strip()
+
+
+def test_a_set_is_laid_out_from_its_source_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prefix = "code_v2/data/Images"
+    commit = git_repo(
+        tmp_path / "sfew",
+        {
+            f"{prefix}/Happy/Movie_001_1.png": b"happy frame",
+            f"{prefix}/Happy/Movie_001_2.png": b"happy frame",  # the same bytes again: kept once
+            f"{prefix}/Sad/Other_002_1.png": b"sad frame",
+            f"{prefix}/Fear/Film_003_1.png": b"fear or surprise",  # under two labels: dropped from both
+            f"{prefix}/Surprise/Film_003_1.png": b"fear or surprise",
+            f"{prefix}/README.txt": b"not an image",
+        },
+    )
+    out = tmp_path / "sets"
+    assert realfaces_sets.main(["sfew_subset", str(tmp_path / "sfew"), str(out), "--commit", commit]) == 0
+    assert "dropped, labeled both ways: code_v2/data/Images/Fear/Film_003_1.png" in capsys.readouterr().err
+    photos = read_set(out / "sfew_subset")
+    assert sorted((CLASS_NAMES[p.label], p.subject) for p in photos) == [("happy", "Movie"), ("sad", "Other")]
+    assert (out / "sfew_subset/happy/Movie_001_1.png").read_bytes() == b"happy frame"
+    assert not list(out.glob("**/*.partial"))
+    # Not a clone, or a commit it does not have: a clear error, exit code 2, nothing written.
+    assert realfaces_sets.main(["kdef", str(tmp_path / "sfew"), str(tmp_path / "none")]) == 2
+    assert "not a clone of Ignautics/NUS_GAN_KDEF" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_each_sets_file_names_give_its_labels_and_subjects() -> None:
+    assert realfaces_sets.kdef("data/KDEF/AF01AFS.JPG") == ("fear", "F01")
+    assert realfaces_sets.kdef("data/KDEF/BM35HAHL.JPG") is None  # not frontal
+    assert realfaces_sets.jaffe("jaffedbase/KA.AN1.39.tiff") == ("angry", "KA")
+    assert realfaces_sets.rafdb_test("DATASET/test/7/test_0005_aligned.jpg") == ("neutral", "")
+    assert realfaces_sets.sfew_subset("code_v2/data/Images/Neutral/21_001404920_00000004.png") == ("neutral", "21")
