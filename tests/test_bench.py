@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import data_loading, soak, train_throughput
+from bench import compact_widths, data_loading, soak, train_throughput
 from bench.machine import describe_machine, write_result
 from tests.utils import synthetic
 from tests.utils.service import clean_service_env, write_model
@@ -183,3 +183,15 @@ def test_train_speed_compares_each_option_with_the_default(tmp_path: Path, capsy
     assert "| fp32 | precision=fp32 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         train_speed.main([*argv, "--options", "fp32"])  # no default to compare with
+
+
+def test_compact_widths_times_each_widths_served_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "widths.json"
+    assert compact_widths.main(["--widths", "8,32", "--rounds", "2", "--calls", "2", "--output", str(out)]) == 0
+    rows = _read(out, "compact_widths")["results"]["widths"]
+    assert [r["width"] for r in rows] == [8, 32]
+    narrow, bundled = rows
+    assert bundled["parameters"] == 1_958_759  # the bundled network's count (models/MODEL_CARD.md)
+    assert narrow["parameters"] < bundled["parameters"] and bundled["ratio_to_bundled"] == 1.0
+    assert narrow["int8_forward_ms_per_face"] > 0
+    assert "| 32 | 1,958,759 |" in capsys.readouterr().out
