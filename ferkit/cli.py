@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from app.analysis import VideoTracks, decode
-from app.failures import ServiceError, UnsupportedImage
+from app.failures import CorruptVideo, ServiceError, UnsupportedImage
 from app.schemas import Face, FaceTrack, PredictResponse, VideoResponse, VideoSummary
 from fercore.artifact import ModelLoadError
 from ferkit import draw
@@ -107,16 +107,29 @@ def run(args: argparse.Namespace) -> int:
     kind, paths = resolve_inputs(args.inputs)
     check_options(args, kind)
     analyzer = Analyzer(args.model, detect=not args.no_detect)
+    if kind == "photos":
+        return run_photos(analyzer, paths, args)
+    try:
+        return run_file(analyzer, kind, paths[0], args)
+    except ServiceError as exc:
+        if not exc.client_error:
+            raise
+        raise Unreadable(f"{paths[0]}: {exc.detail}") from None  # the input's fault: say which
+
+
+def run_file(analyzer: Analyzer, kind: str, path: Path, args: argparse.Namespace) -> int:
+    """One photo or one video; a file named neither way is tried as a photo, then as a video."""
     if kind == "video":
-        return run_video(analyzer, paths[0], args)
-    if kind == "photo":
-        try:
-            return run_photo(analyzer, paths[0], args)
-        except UnsupportedImage:
-            if paths[0].suffix.lower() in IMAGE_SUFFIXES:
-                raise
-            return run_video(analyzer, paths[0], args)  # no image format Pillow knows: FFmpeg may
-    return run_photos(analyzer, paths, args)
+        return run_video(analyzer, path, args)
+    try:
+        return run_photo(analyzer, path, args)
+    except UnsupportedImage:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise
+    try:
+        return run_video(analyzer, path, args)  # no image format Pillow knows: FFmpeg may
+    except CorruptVideo:
+        raise Unreadable(f"{path}: not a photo or a video this program can read") from None
 
 
 def resolve_inputs(inputs: Sequence[str]) -> tuple[str, list[Path]]:
@@ -146,8 +159,14 @@ def check_options(args: argparse.Namespace, kind: str) -> None:
         raise UsageError(f"--output must end in {' or '.join(ROW_FORMATS)}, not {args.output.name}")
     if args.plot is not None and kind != "video":
         raise UsageError("--plot needs a video")
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot must end in .png, not {args.plot.name}")
     if args.annotate is not None and kind == "photos":
         raise UsageError("--annotate takes one photo or one video")
+    if args.annotate is not None and kind == "video" and args.annotate.suffix.lower() != ".mp4":
+        raise UsageError(f"--annotate for a video must end in .mp4, not {args.annotate.name}")
+    if args.annotate is not None and kind == "photo" and image_format(args.annotate) is None:
+        raise UsageError(f"--annotate for a photo must end in .jpg, .png or another image suffix, not {args.annotate.name}")
     if args.explain and kind == "video":
         raise UsageError("--explain is for photos")
     if args.fps < 0:
@@ -172,7 +191,7 @@ def run_photo(analyzer: Analyzer, path: Path, args: argparse.Namespace) -> int:
         if args.annotate is not None:
             image, _ = decode(data, analyzer.settings.max_image_pixels, None)  # full size: the boxes are in its pixels
             annotated = draw.annotate(image, faces, heatmaps=args.explain)
-            annotated.save(outputs.binary(args.annotate), format=image_format(args.annotate))
+            annotated.save(outputs.binary(args.annotate), format=image_format(args.annotate))  # checked: not None
     if args.json:
         print(PredictResponse(faces=faces, model=analyzer.model).model_dump_json(indent=2))
     elif args.output is None:
@@ -180,10 +199,11 @@ def run_photo(analyzer: Analyzer, path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def image_format(path: Path) -> str:
-    """Pillow's format name for an output file's suffix (JPEG for an unknown one)."""
+def image_format(path: Path) -> str | None:
+    """Pillow's format name for an output file's suffix, if Pillow can write it."""
     Image.init()
-    return Image.EXTENSION.get(path.suffix.lower(), "JPEG")
+    name = Image.EXTENSION.get(path.suffix.lower())
+    return name if name in Image.SAVE else None
 
 
 def print_faces(name: str, faces: Sequence[Face]) -> None:

@@ -34,9 +34,11 @@ def moving_face_frames(count: int, size: tuple[int, int] = SIZE) -> list[Image.I
     return frames
 
 
-def write_video(path: Path | io.BytesIO, frames: list[Image.Image], fps: int = 30, codec: str = "libx264") -> None:
-    """``frames`` (one size) as an H.264 MP4 (or ``codec``) at ``fps``."""
-    with av.open(path, mode="w", format="mp4") as container:
+def write_video(
+    path: Path | io.BytesIO, frames: list[Image.Image], fps: int = 30, codec: str = "libx264", fmt: str = "mp4"
+) -> None:
+    """``frames`` (one size) as an H.264 MP4 (or ``codec`` in the container ``fmt``) at ``fps``."""
+    with av.open(path, mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "yuv420p"
@@ -47,9 +49,9 @@ def write_video(path: Path | io.BytesIO, frames: list[Image.Image], fps: int = 3
             container.mux(packet)
 
 
-def video_bytes(frames: list[Image.Image], fps: int = 30, codec: str = "libx264") -> bytes:
+def video_bytes(frames: list[Image.Image], fps: int = 30, codec: str = "libx264", fmt: str = "mp4") -> bytes:
     buffer = io.BytesIO()
-    write_video(buffer, frames, fps, codec)
+    write_video(buffer, frames, fps, codec, fmt)
     return buffer.getvalue()
 
 
