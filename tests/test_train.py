@@ -400,3 +400,20 @@ def test_the_bundled_models_recipe_runs_end_to_end(data_zip: Path, tmp_path: Pat
         ):
             served = run
     assert storage.read_latest(out).run_id == served.name
+
+
+@pytest.mark.slow
+def test_the_best_models_recipe_trains_two_lineages_and_evaluates_their_ensemble(data_zip: Path, tmp_path: Path) -> None:
+    """scripts/train-best.sh: two lineages of the bundled recipe, apart (the second with seed 2 in
+    every stage), and their flip-TTA ensemble's evaluation, whose members are each lineage's served run."""
+    repo = Path(__file__).parents[1]
+    out = tmp_path / "best"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(repo)}
+    script = repo / "scripts" / "train-best.sh"
+    subprocess.run(["bash", str(script), str(data_zip), str(out), *TINY, "--epochs", "1"], cwd=tmp_path, env=env, check=True)
+    assert sorted(p.name.split("-", 2)[2] for p in (out / "a").glob("*-s*")) == ["base-s1", "sd1-s4", "sd2-s5", "sd3-s6"]
+    assert sorted(p.name.split("-", 2)[2] for p in (out / "b").glob("*-s*")) == ["base-s2", "sd1-s2", "sd2-s2", "sd3-s2"]
+    report = json.loads((out / "ensemble-flip.json").read_text())
+    served = [storage.read_latest(out / lineage).run_id for lineage in ("a", "b")]
+    assert report["tta"] == "flip" and [m["run_id"] for m in report["members"]] == served
+    assert (out / "ensemble-flip.png").is_file()
