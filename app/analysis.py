@@ -9,6 +9,7 @@ Nothing here imports a web framework or a server; a failure is a :class:`~app.fa
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -172,6 +173,10 @@ class Analyzer:
     detector: FaceDetector | None
     max_pixels: int
     tracer: Tracer = NO_TRACER
+    # Threads that find the faces of several images (a video's chunk of frames) at once, each image
+    # on one: BlazeFace's 192x192 passes keep one core busy each far better than ONNX Runtime's
+    # threads share one pass (bench/results/video.json). None: one image after another.
+    workers: Executor | None = None
 
     def upload(self, data: bytes, explain: bool = False) -> list[Face]:
         """The faces in an encoded image (a file's bytes); a bad one raises its :class:`ServiceError`."""
@@ -182,8 +187,13 @@ class Analyzer:
 
     def images(self, images: Sequence[Image.Image], explain: bool = False) -> list[list[Face]]:
         """The faces in each decoded image (any Pillow mode), all classified in one forward pass."""
-        located = [self.locate(image) for image in images]
-        return self.classify(located, explain)
+        return self.classify(self.locate_all(images), explain)
+
+    def locate_all(self, images: Sequence[Image.Image]) -> list[Located]:
+        """:meth:`locate` for each image, in order: on :attr:`workers` at once, when there are some."""
+        if self.workers is None or len(images) < 2:
+            return [self.locate(image) for image in images]
+        return list(self.workers.map(self.locate, images))
 
     def locate(self, image: Image.Image) -> Located:
         """The faces and crops of one decoded image (any Pillow mode)."""
@@ -201,7 +211,7 @@ class Analyzer:
         analysed (one frame's pixels held at a time, :data:`VIDEO_CHUNK` frames' faces classified together)."""
         tracker = tracker or Tracker()
         for chunk in batched(video.frames(fps), VIDEO_CHUNK):
-            faces = self.classify([self.locate(frame.image) for frame in chunk])
+            faces = self.classify(self.locate_all([frame.image for frame in chunk]))
             for frame, found in zip(chunk, faces, strict=True):
                 yield AnalysedFrame(frame, tracker.update(found, frame.index, frame.time_s))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,8 +37,10 @@ class Analyzer:
 
     ``model``: an ONNX file, a folder with ``latest.json`` or a gs:// URI (as MODEL_URI); default
     MODEL_URI, else the bundled model. ``detect=False``: each image is one face crop, as
-    ``POST /predict?detect=false``. ``threads``: ONNX Runtime's threads (default: the CPUs this
-    process may use). ``settings``: default, read from the environment.
+    ``POST /predict?detect=false``. ``threads``: how many cores to use (default: the CPUs this
+    process may use): the classifier's ONNX Runtime threads, and as many threads finding the faces
+    of a video's frames, each frame on one (a photo's on one). ``settings``: default, read from the
+    environment.
     """
 
     def __init__(
@@ -53,8 +56,10 @@ class Analyzer:
         threads = threads or self.settings.resolved_inference_threads()
         predictor = Predictor.from_uri(uri, timeout=self.settings.gcs_timeout_s, threads=threads)
         predictor.warm_up()
-        detector = FaceDetector(detector_config(self.settings), threads=threads) if detect else None
-        self.core = analysis.Analyzer(predictor, detector, self.settings.max_image_pixels)
+        detector = FaceDetector(detector_config(self.settings), threads=1) if detect else None
+        # Idle threads cost nothing and end with the Analyzer (the executor's own weak reference).
+        workers = ThreadPoolExecutor(threads, thread_name_prefix="ferkit-faces") if detect and threads > 1 else None
+        self.core = analysis.Analyzer(predictor, detector, self.settings.max_image_pixels, workers=workers)
 
     @property
     def model(self) -> ModelRef:

@@ -200,3 +200,14 @@ def test_the_api_needs_no_web_framework_nor_pytorch(astronaut_file: Path) -> Non
     clip.write_bytes(moving_face_video(1.0))
     out = subprocess.run([sys.executable, "-c", script, str(clip)], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [["happy"], 1, []]
+
+
+def test_frames_located_in_parallel_give_the_same_tracks(analyzer: ferkit.Analyzer) -> None:
+    clip = moving_face_video(1.0)
+    parallel = ferkit.Analyzer(threads=2)
+    assert parallel.core.workers is not None and analyzer.core.workers is None
+    ours, theirs = parallel.analyze_video(clip, fps=10), analyzer.analyze_video(clip, fps=10)
+    assert len(ours.tracks) == len(theirs.tracks) == 1
+    for a, b in zip(ours.tracks[0].faces, theirs.tracks[0].faces, strict=True):
+        assert (a.frame, a.box, a.smoothed_emotion) == (b.frame, b.box, b.smoothed_emotion)
+        assert a.smoothed_scores == pytest.approx(b.smoothed_scores, abs=1e-6)

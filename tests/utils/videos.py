@@ -13,6 +13,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.stream import VideoStream
 from PIL import Image, ImageEnhance
 
 from tests.utils.photos import photo
@@ -40,6 +41,7 @@ def write_video(
     """``frames`` (one size) as an H.264 MP4 (or ``codec`` in the container ``fmt``) at ``fps``."""
     with av.open(path, mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=fps)
+        assert isinstance(stream, VideoStream), codec
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "yuv420p"
         for image in frames:
