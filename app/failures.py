@@ -51,6 +51,13 @@ class ImageTooLarge(ServiceError):
     status, message = 413, "image has too many pixels"
 
 
+class ImageTooCostly(ServiceError):
+    """An image whose structure would make decoding it far more work than its size justifies
+    (a progressive JPEG with hundreds of scans): see :mod:`app.decode_work`."""
+
+    status, message = 413, "image too costly to decode"
+
+
 class UnsupportedImage(ServiceError):
     status, message = 415, "unsupported image format"
 

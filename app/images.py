@@ -2,9 +2,10 @@
 
 Untrusted input: the format is sniffed from the bytes (never the client's content type),
 only a few plain raster formats are opened (no EPS, which would run Ghostscript), the pixel
-count is checked from the header before anything is decoded, and every decoder failure
-becomes a 4xx :class:`~app.failures.ServiceError`. A broken EXIF block is ignored (the image is
-used as stored), not refused. ``tests/utils/corpus.py`` holds the hostile files this is tested on.
+count is checked from the header before anything is decoded, and so is the work the file's
+structure asks of the decoder (:mod:`app.decode_work`: progressive JPEG scans, PNG chunks), and
+every decoder failure becomes a 4xx :class:`~app.failures.ServiceError`. A broken EXIF block is
+ignored (the image is used as stored), not refused. ``tests/utils/corpus.py`` holds the hostile files this is tested on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.decode_work import check_decode_work
 from app.failures import CorruptImage, ImageTooLarge, UnsupportedImage
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def decode_image_reduced(data: bytes, max_pixels: int, max_side: int | None) -> 
         raise ImageTooLarge()
     if width == 0 or height == 0:
         raise CorruptImage()
+    check_decode_work(data, image.format)  # too many scans or chunks for their pixels: refused undecoded
     try:
         image.seek(0)  # animated GIF/WebP/APNG, multi-page TIFF: the first frame
         if max_side is not None and image.format in ("JPEG", "MPO") and max(width, height) > max_side:

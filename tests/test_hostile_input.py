@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
-from app.errors import ServiceError
+from app import decode_work
+from app.errors import ImageTooCostly, ServiceError
 from app.faces import whole_image_crop
 from app.images import configure_pillow, decode_image, to_gray_or_rgb
 from bench import fuzz_corpus
@@ -188,3 +189,68 @@ def test_whole_image_crop_is_shrunk() -> None:
     assert crop.size == (1000, 250)
     small = Image.new("L", (1024, 10))
     assert whole_image_crop(small) is small
+
+
+# --- decoding work bounded by the file's structure (app/decode_work.py) ---------------------------
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any pixel decoding fails the test: a refusal must come from the file's structure alone."""
+
+    def load(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def assert_too_costly(data: bytes) -> None:
+    with pytest.raises(ImageTooCostly) as refused:
+        decode_image(data, MAX_PIXELS)
+    assert (refused.value.status_code, refused.value.detail) == (413, "image too costly to decode")
+
+
+@pytest.mark.usefixtures("no_decoding")
+def test_a_progressive_jpeg_scan_bomb_is_refused_before_decoding() -> None:
+    assert_too_costly(corpus.jpeg_with_scans(corpus.gray(1000, 1000), 20_000))
+
+
+@pytest.mark.usefixtures("no_decoding")
+def test_a_png_chunk_flood_is_refused_before_decoding() -> None:
+    assert_too_costly(corpus.png_with_empty_chunks(100_000))
+
+
+@pytest.mark.parametrize("image", [corpus.gray(300, 200), corpus.rgb(300, 200)], ids=["gray", "rgb"])
+def test_scans_are_counted_up_to_the_limit(image: Image.Image) -> None:
+    """Pillow's progressive encodings (6 scans in gray, 10 in colour) and a file of exactly
+    MAX_JPEG_SCANS decode; one scan more is refused."""
+    ordinary = corpus.encode(image, "JPEG", progressive=True)
+    scans = decode_work.jpeg_scans(ordinary, 1000)
+    assert scans == (6 if image.mode == "L" else 10)
+    assert decode_image(ordinary, MAX_PIXELS).size == (300, 200)
+    at_limit = corpus.jpeg_with_scans(image, decode_work.MAX_JPEG_SCANS - scans)
+    assert decode_work.jpeg_scans(at_limit, 1000) == decode_work.MAX_JPEG_SCANS
+    assert decode_image(at_limit, MAX_PIXELS).size == (300, 200)
+    assert_too_costly(corpus.jpeg_with_scans(image, decode_work.MAX_JPEG_SCANS - scans + 1))
+
+
+def test_scan_markers_inside_metadata_or_a_thumbnail_are_not_scans() -> None:
+    """The count walks the segments: a comment full of start-of-scan bytes, or an EXIF block holding
+    a progressive thumbnail, adds nothing."""
+    baseline = corpus.encode(corpus.rgb(), "JPEG")
+    comment = b"\xff\xfe" + (2 + 4000).to_bytes(2, "big") + b"\xff\xda" * 2000
+    noisy = baseline[:2] + comment + baseline[2:]
+    assert decode_work.jpeg_scans(noisy, 1000) == 1
+    thumbnail = corpus.jpeg_with_scans(corpus.gray(), 500)
+    exif = b"Exif\x00\x00" + thumbnail  # not a valid TIFF block: ignored by the decoder, skipped by the count
+    with_exif = baseline[:2] + b"\xff\xe1" + (2 + len(exif)).to_bytes(2, "big") + exif + baseline[2:]
+    assert decode_work.jpeg_scans(with_exif, 1000) == 1
+    assert decode_image(with_exif, MAX_PIXELS).size == (64, 48)
+
+
+def test_png_chunks_are_counted_up_to_the_limit() -> None:
+    ordinary = corpus.encode(corpus.gray(), "PNG")
+    assert decode_work.png_chunks(ordinary, 1000) == 3  # IHDR, IDAT, IEND
+    at_limit = corpus.png_with_empty_chunks(decode_work.MAX_PNG_CHUNKS - 3)
+    assert decode_image(at_limit, MAX_PIXELS).size == (64, 48)
+    assert_too_costly(corpus.png_with_empty_chunks(decode_work.MAX_PNG_CHUNKS - 2))
