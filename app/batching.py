@@ -11,6 +11,10 @@ Requests hand their face crops to a :class:`MicroBatcher` and await their own pr
 * the batch runs in the batcher's one worker thread (one forward pass at a time; its intra-op
   threads are ONNX Runtime's own), then each request's future gets its slice of the predictions, or,
   if the pass failed, the exception;
+* a request that finds the batcher idle (no pass running, none queued) runs its pass of one in its
+  own inference slot's thread, right after its decoding (:meth:`MicroBatcher.predict_inline`): one
+  thread hop instead of two, and the collector's wake-up saved, when there is nobody to batch with.
+  A lock keeps it one pass at a time: requests arriving meanwhile queue, and form the next batch;
 * a request's faces never span two batches; one with more than ``max_size`` faces (a
   ``/predict/batch`` of group photos) is a batch of its own. Requests served by different
   predictors (a model reload in between) go in different batches.
@@ -38,6 +42,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -87,6 +92,11 @@ class MicroBatcher:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # Held by the pass running, the collector's or a request's own (predict_inline); a threading
+        # lock, as predict_inline takes it in a worker thread. Its release is signalled on the loop.
+        self._pass_lock = threading.Lock()
+        self._pass_freed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def waiting(self) -> int:
@@ -96,6 +106,7 @@ class MicroBatcher:
     def start(self) -> None:
         """Start collecting batches (a task on the running loop, one worker thread)."""
         if self._task is None:
+            self._loop = asyncio.get_running_loop()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fer-batch")
             self._task = asyncio.create_task(self._collect(), name="micro-batcher")
 
@@ -132,6 +143,31 @@ class MicroBatcher:
             # drops the request if its batch has not started, or its result if it has.
             return await request.future
 
+    @property
+    def idle(self) -> bool:
+        """No pass running or queued (read on the event loop): :meth:`predict_inline` would run now."""
+        return self._task is not None and not self._closing and not self._queue and not self._pass_lock.locked()
+
+    def predict_inline(self, predictor: Predictor, crops: Sequence[Image.Image]) -> list[Prediction] | None:
+        """In a worker thread (the request's inference slot): ``predictor.predict_faces(crops)`` now, in
+        this thread, if the batcher is idle; else None, and the request joins the queue with
+        :meth:`predict`. Traced and measured as a batch of one request."""
+        if not crops:
+            return []
+        # The queue is read off the loop: at worst a request queued a moment ago waits for this pass,
+        # as it would for any pass running when it arrived.
+        if not self.idle or not self._pass_lock.acquire(blocking=False):
+            return None
+        try:
+            if self.metrics is not None:
+                self.metrics.batch_wait.observe(0.0)  # it waited for no pass
+            with self.tracer.start_as_current_span("classify", attributes={"fer.faces": len(crops)}) as span:
+                return self._forward(predictor, crops, [span])
+        finally:
+            self._pass_lock.release()
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._pass_freed.set)  # the collector may wait for it
+
     # --- on the event loop -------------------------------------------------------------------
 
     async def _collect(self) -> None:
@@ -143,9 +179,13 @@ class MicroBatcher:
                     self._arrived.clear()
                     await self._arrived.wait()
                 await self._wait_for_company()
-                batch = self._take_batch()
-                if batch:  # else every request taken had been cancelled
-                    await self._run_batch(batch)
+                await self._acquire_pass()
+                try:
+                    batch = self._take_batch()
+                    if batch:  # else every request taken had been cancelled
+                        await self._run_batch(batch)
+                finally:
+                    self._pass_lock.release()
         except BaseException as exc:  # a bug here, or the loop going away: no request waits forever
             if not isinstance(exc, asyncio.CancelledError):
                 log.error("micro-batcher stopped unexpectedly", exc_info=exc)
@@ -178,6 +218,14 @@ class MicroBatcher:
             if not request.future.done():
                 request.future.set_result(predictions[start:end])
             start = end
+
+    async def _acquire_pass(self) -> None:
+        """Take the pass lock, waiting (without blocking the loop) for a request's own pass to end."""
+        while not self._pass_lock.acquire(blocking=False):
+            self._pass_freed.clear()
+            if self._pass_lock.acquire(blocking=False):  # released before the clear: its signal is gone
+                return
+            await self._pass_freed.wait()
 
     async def _wait_for_company(self) -> None:
         """Wait while the batch could grow: fewer than ``max_size`` faces queued and the oldest
@@ -215,13 +263,17 @@ class MicroBatcher:
 
     def _run(self, batch: list[_Request]) -> list[Prediction]:
         crops = [crop for request in batch for crop in request.crops]
-        links = [Link(request.span.get_span_context()) for request in batch]
-        attributes = {"fer.batch_size": len(crops), "fer.batch_requests": len(batch)}
-        with self.tracer.start_as_current_span("batch", links=links, attributes=attributes) as span:
-            for request in batch:  # each request's own span: the batch it joined
-                request.span.set_attribute("fer.batch_size", len(crops))
-                request.span.add_link(span.get_span_context())
-            predictions = batch[0].predictor.predict_faces(crops)
+        return self._forward(batch[0].predictor, crops, [request.span for request in batch])
+
+    def _forward(self, predictor: Predictor, crops: Sequence[Image.Image], spans: Sequence[Span]) -> list[Prediction]:
+        """One forward pass over the faces of the requests whose ``classify`` spans are ``spans``."""
+        links = [Link(span.get_span_context()) for span in spans]
+        attributes = {"fer.batch_size": len(crops), "fer.batch_requests": len(spans)}
+        with self.tracer.start_as_current_span("batch", links=links, attributes=attributes) as batch_span:
+            for span in spans:  # each request's own span: the batch it joined
+                span.set_attribute("fer.batch_size", len(crops))
+                span.add_link(batch_span.get_span_context())
+            predictions = predictor.predict_faces(crops)
         if self.metrics is not None:
             self.metrics.observe_forward_pass(len(crops))
         if len(predictions) != len(crops):

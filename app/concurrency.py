@@ -53,6 +53,7 @@ class InferenceLimiter:
         self.max_waiting = max_waiting
         self._slots = asyncio.Semaphore(max_running)
         self._admitted = 0  # running + waiting
+        self._running = 0  # holding a slot
         self.metrics = metrics
         if metrics is not None:
             metrics.inference_admitted.set_function(lambda: self._admitted)  # read when /metrics is scraped
@@ -61,6 +62,11 @@ class InferenceLimiter:
     def admitted(self) -> int:
         """Calls running or waiting for a slot right now."""
         return self._admitted
+
+    @property
+    def idle_slots(self) -> int:
+        """Slots no call holds right now (read on the event loop)."""
+        return self.max_running - self._running
 
     def raise_if_full(self) -> None:
         """:class:`ServerBusy` now if :meth:`run` would refuse: lets a route skip reading uploads
@@ -95,11 +101,13 @@ class InferenceLimiter:
         queued = time.perf_counter()
         async with self._slots:
             started = time.perf_counter()
+            self._running += 1
             try:
                 # Not abandoned on cancellation (anyio's default): a client that disconnects
                 # keeps its slot until the thread is done, so the bound holds for real work.
                 return await run_in_threadpool(functools.partial(context.run, func, *args, **kwargs))
             finally:
+                self._running -= 1
                 if self.metrics is not None:
                     self.metrics.queue_wait.observe(started - queued)
                     self.metrics.inference_duration.observe(time.perf_counter() - started)

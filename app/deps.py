@@ -1,7 +1,8 @@
 """Per-request dependencies. Tests override them with ``app.dependency_overrides``.
 
 All are ``async def``: they only read ``app.state``, and FastAPI would run a plain ``def`` dependency
-in the threadpool, a thread hop per dependency per request.
+in the threadpool, a thread hop per dependency per request. Few: each costs its resolution on every
+request, so the prediction routes read the app's parts in one (:func:`app.routes.predict.request_pipeline`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from opentelemetry.trace import Tracer
 
-from app.batching import MicroBatcher
-from app.concurrency import InferenceLimiter
 from app.errors import AdminDisabled, ModelNotReady, NotAuthenticated
-from app.faces import FaceDetector
 from app.loader import ModelLoader
 from app.metrics import Metrics
 from app.model import Predictor
@@ -58,43 +55,13 @@ async def require_admin(request: Request, credentials: Annotated[HTTPAuthorizati
         raise NotAuthenticated()
 
 
-async def get_detector(request: Request) -> FaceDetector:
-    detector: FaceDetector | None = request.app.state.detector
-    if detector is None:  # only before the lifespan has run
-        raise ModelNotReady()
-    return detector
-
-
-async def get_limiter(request: Request) -> InferenceLimiter:
-    limiter: InferenceLimiter | None = request.app.state.limiter
-    if limiter is None:  # only before the lifespan has run
-        raise ModelNotReady()
-    return limiter
-
-
-async def get_batcher(request: Request) -> MicroBatcher | None:
-    """The micro-batcher; None when BATCH_MAX_SIZE is 1 (each request classifies its own faces)."""
-    batcher: MicroBatcher | None = request.app.state.batcher
-    return batcher
-
-
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
-
-
-async def get_tracer(request: Request) -> Tracer:
-    """The app's tracer: a no-op one when tracing is off."""
-    tracer: Tracer = request.app.state.tracing.tracer
-    return tracer
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 LoaderDep = Annotated[ModelLoader, Depends(get_loader)]
 AdminDep = Depends(require_admin)
-DetectorDep = Annotated[FaceDetector, Depends(get_detector)]
-LimiterDep = Annotated[InferenceLimiter, Depends(get_limiter)]
-BatcherDep = Annotated[MicroBatcher | None, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-TracerDep = Annotated[Tracer, Depends(get_tracer)]

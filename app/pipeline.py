@@ -3,12 +3,16 @@
 The steps themselves (decode -> detect -> align -> crop -> classify) live in :mod:`app.analysis`,
 shared with the Python API and the command line (:mod:`ferkit`); this module decides where they run.
 One path for ``POST /predict`` (one upload) and ``POST /predict/batch`` (several): each request is
-admitted once by the :class:`~app.concurrency.InferenceLimiter` (503 beyond its bound), decodes and
-finds its faces in an inference slot, then has its crops classified by a :class:`Classify`:
+admitted once by the :class:`~app.concurrency.InferenceLimiter` (503 beyond its bound), then a
+:class:`Classify` decodes and finds its faces in an inference slot and has its crops classified:
 
-* :class:`ClassifyInSlot`: a forward pass of its own, in an inference slot;
+* :class:`ClassifyInSlot`: a forward pass of its own, in the same slot, in the same thread hop;
 * :class:`ClassifyBatched`: a forward pass shared with other requests' faces
-  (:class:`~app.batching.MicroBatcher`), the request still admitted while it waits.
+  (:class:`~app.batching.MicroBatcher`), the request still admitted while it waits; when the
+  batcher is idle and another slot is free, its own pass in its slot, in the same thread hop.
+
+A thread hop costs a few hundred microseconds on a busy machine, as much as a 48x48 crop's forward
+pass: one per request where one suffices (bench/results/overhead.json).
 
 A file that cannot be used (empty, too large, corrupt) is a :class:`~app.failures.ServiceError` in its
 place; the other files of a batch are still classified.
@@ -16,12 +20,12 @@ place; the other files of a batch are still classified.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry.trace import Tracer
-from PIL import Image
 
 from app.analysis import NO_TRACER, Analyzer, Located, Outcome, assign, crops_of, explain_faces, locate_uploads
 from app.batching import MicroBatcher
@@ -32,36 +36,58 @@ from app.metrics import Metrics
 from app.model import Prediction, Predictor
 from app.schemas import Face
 
+Locate = Callable[[], list[Located | ServiceError]]  # decode and find the faces of a request's uploads (blocking)
+Classified = tuple[list[Located | ServiceError], list[Prediction]]  # and the predictions of their crops, in order
+
 
 class Classify(Protocol):
-    """Classifies the crops of one request with ``predictor``."""
+    """Runs ``locate`` in an inference slot of the admitted request, then classifies its crops with ``predictor``."""
 
-    async def __call__(self, predictor: Predictor, crops: Sequence[Image.Image]) -> list[Prediction]: ...
+    async def __call__(self, locate: Locate, predictor: Predictor) -> Classified: ...
 
 
 @dataclass(frozen=True)
 class ClassifyInSlot:
-    """A forward pass of the request's own, in an inference slot (BATCH_MAX_SIZE=1)."""
+    """A forward pass of the request's own, in its inference slot, after its decoding (BATCH_MAX_SIZE=1)."""
 
     limiter: InferenceLimiter
     metrics: Metrics
 
-    async def __call__(self, predictor: Predictor, crops: Sequence[Image.Image]) -> list[Prediction]:
-        if not crops:
-            return []
-        predictions = await self.limiter.run_admitted(predictor.predict_faces, crops)
-        self.metrics.observe_forward_pass(len(crops))
-        return predictions
+    async def __call__(self, locate: Locate, predictor: Predictor) -> Classified:
+        def located_and_classified() -> Classified:
+            located = locate()
+            crops = crops_of(located)
+            return located, predictor.predict_faces(crops) if crops else []
+
+        located, predictions = await self.limiter.run_admitted(located_and_classified)
+        self.metrics.observe_forward_pass(len(predictions))
+        return located, predictions
 
 
 @dataclass(frozen=True)
 class ClassifyBatched:
-    """A forward pass shared with other requests' faces (the micro-batcher records its metrics)."""
+    """A forward pass shared with other requests' faces (the micro-batcher records its metrics).
 
+    When the batcher is idle and another slot is free (so the request's pass keeps no one from
+    decoding), the pass runs in the request's slot right after its decoding; else, or if a pass
+    started meanwhile, the request leaves its slot and joins the batcher's queue."""
+
+    limiter: InferenceLimiter
     batcher: MicroBatcher
 
-    async def __call__(self, predictor: Predictor, crops: Sequence[Image.Image]) -> list[Prediction]:
-        return await self.batcher.predict(predictor, crops)
+    async def __call__(self, locate: Locate, predictor: Predictor) -> Classified:
+        if self.batcher.idle and self.limiter.idle_slots > 1:
+
+            def located_maybe_classified() -> tuple[list[Located | ServiceError], list[Prediction] | None]:
+                located = locate()
+                return located, self.batcher.predict_inline(predictor, crops_of(located))
+
+            located, inline = await self.limiter.run_admitted(located_maybe_classified)
+            if inline is not None:
+                return located, inline
+        else:
+            located = await self.limiter.run_admitted(locate)
+        return located, await self.batcher.predict(predictor, crops_of(located))
 
 
 @dataclass(frozen=True)
@@ -87,8 +113,7 @@ class Pipeline:
     async def uploads(self, uploads: Sequence[bytes | ServiceError], explain: bool = False) -> list[Outcome]:
         """The faces in each upload, classified together; errors stay in their place."""
         async with self.limiter.admit():
-            located = await self.limiter.run_admitted(self.locate_uploads, uploads)
-            predictions = await self.classify(self.predictor, crops_of(located))
+            located, predictions = await self.classify(functools.partial(self.locate_uploads, uploads), self.predictor)
             outcomes = assign(located, predictions)
             if explain:
                 outcomes = await self.limiter.run_admitted(self.explain, located, outcomes)

@@ -443,3 +443,34 @@ def test_app_with_batching_answers_like_the_app_without(monkeypatch: pytest.Monk
 def test_batching_is_on_by_default(client: TestClient) -> None:
     batcher = client.app.state.batcher
     assert batcher is not None and (batcher.max_size, batcher.max_wait_s) == (32, 0.0)
+
+
+class ThreadRecorder:
+    """The app's real predictor, recording the name of the thread each pass runs in."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.info = real.info
+        self.threads: list[str] = []
+
+    def predict_faces(self, faces: list[Any]) -> list[Any]:
+        self.threads.append(threading.current_thread().name)
+        return self.real.predict_faces(faces)
+
+
+@pytest.mark.parametrize(("slots", "in_batcher"), [("2", False), ("1", True)])
+def test_a_lone_request_runs_its_pass_in_its_own_slot_when_another_is_free(
+    monkeypatch: pytest.MonkeyPatch, model_path: Path, slots: str, in_batcher: bool
+) -> None:
+    """Nothing to batch with: the pass runs right after the decoding, in the request's own slot (one
+    thread hop), measured as a batch of one; with a single slot, in the batcher's worker, so that
+    the slot is free for the next request's decoding while the pass runs."""
+    with running_app(monkeypatch, **batching_env(model_path, MAX_CONCURRENT_INFERENCES=slots)) as client:
+        recorder = ThreadRecorder(client.app.state.predictor)
+        client.app.dependency_overrides[get_predictor] = lambda: recorder
+        for _ in range(2):
+            assert post_image(client, gray_png(), detect=False).status_code == 200
+        assert [name.startswith("fer-batch") for name in recorder.threads] == [in_batcher, in_batcher]
+        assert metric(client, "fer_inference_batch_size_count") == 2
+        assert metric(client, "fer_batch_wait_seconds_count") == 2
+        assert client.app.state.limiter.admitted == 0 and client.app.state.limiter.idle_slots == int(slots)

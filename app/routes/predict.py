@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
+from pydantic import BaseModel
 
 from app import explain as explaining
-from app.deps import BatcherDep, DetectorDep, LimiterDep, MetricsDep, PredictorDep, SettingsDep, TracerDep
+from app.batching import MicroBatcher
+from app.concurrency import InferenceLimiter
+from app.deps import PredictorDep, SettingsDep
 from app.errors import (
     CorruptImage,
     CorruptVideo,
     EmptyFile,
+    ImageTooCostly,
     ImageTooLarge,
     ModelNotReady,
     NoVideoFrames,
@@ -24,6 +28,8 @@ from app.errors import (
     VideoFrameTooLarge,
     VideoTooLong,
 )
+from app.faces import FaceDetector
+from app.metrics import Metrics
 from app.pipeline import Classify, ClassifyBatched, ClassifyInSlot, Pipeline
 from app.schemas import BatchResponse, ErrorBody, FileError, FileFaces, FileFailure, ModelRef, PredictResponse, VideoResponse
 from app.video import VideoLimits
@@ -51,7 +57,10 @@ def _error_docs(codes: dict[int, tuple[str, list[str]]]) -> dict[int | str, dict
 _ERRORS = _error_docs(
     {
         400: ("empty file or corrupt image", [EmptyFile.message, CorruptImage.message]),
-        413: ("file or image too large", [PayloadTooLarge.message, ImageTooLarge.message]),
+        413: (
+            "file or image too large, or too costly to decode",
+            [PayloadTooLarge.message, ImageTooLarge.message, ImageTooCostly.message],
+        ),
         415: ("unsupported image format", [UnsupportedImage.message]),
         503: (_BUSY, [ModelNotReady.message, ServerBusy.message]),
     }
@@ -89,19 +98,22 @@ DetectParam = Annotated[
 ]
 
 
-async def request_pipeline(
-    predictor: PredictorDep,
-    detector: DetectorDep,
-    limiter: LimiterDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    tracer: TracerDep,
-    detect: DetectParam = True,
-) -> Pipeline:
-    """The request's pipeline: the app's parts, and the ``detect`` query parameter of both routes."""
-    classify: Classify = ClassifyInSlot(limiter, metrics) if batcher is None else ClassifyBatched(batcher)
-    return Pipeline(limiter, classify, metrics, predictor, detector if detect else None, settings.max_image_pixels, tracer)
+async def request_pipeline(request: Request, predictor: PredictorDep, detect: DetectParam = True) -> Pipeline:
+    """The request's pipeline: the app's parts, and the ``detect`` query parameter of both routes.
+
+    The parts are read from ``app.state`` here rather than each through a dependency of its own:
+    FastAPI resolves a dependency in tens of microseconds, a tenth of a crop's whole plumbing. The
+    predictor stays a dependency, which tests override."""
+    state = request.app.state
+    detector: FaceDetector | None = state.detector
+    limiter: InferenceLimiter | None = state.limiter
+    if detector is None or limiter is None:  # only before the lifespan has run
+        raise ModelNotReady()
+    batcher: MicroBatcher | None = state.batcher  # None: BATCH_MAX_SIZE=1
+    metrics: Metrics = state.metrics
+    classify: Classify = ClassifyInSlot(limiter, metrics) if batcher is None else ClassifyBatched(limiter, batcher)
+    max_pixels = state.settings.max_image_pixels
+    return Pipeline(limiter, classify, metrics, predictor, detector if detect else None, max_pixels, state.tracing.tracer)
 
 
 PipelineDep = Annotated[Pipeline, Depends(request_pipeline)]
@@ -121,7 +133,7 @@ async def predict(
     pipeline: PipelineDep,
     settings: SettingsDep,
     explain: ExplainParam = False,
-) -> PredictResponse:
+) -> Response:
     """Find the faces in an image and classify the facial expression of each.
 
     Faces are found with a neural face detector (BlazeFace full-range: faces turned or tilted
@@ -138,7 +150,7 @@ async def predict(
     """
     # A full server has answered 503 already, before reading the upload (app.concurrency.RefuseWhenFull).
     faces = await pipeline.image(await read_upload(file, settings.max_upload_bytes), explain)
-    return PredictResponse(faces=faces, model=ModelRef.from_info(pipeline.predictor.info))
+    return serialized(PredictResponse(faces=faces, model=ModelRef.from_info(pipeline.predictor.info)))
 
 
 @router.post("/predict/batch", response_model=BatchResponse, responses=_BATCH_ERRORS)
@@ -146,7 +158,7 @@ async def predict_batch(
     files: Annotated[list[UploadFile], File(description=f"images: {FORMATS}; at most MAX_BATCH_FILES (default 16)")],
     pipeline: PipelineDep,
     settings: SettingsDep,
-) -> BatchResponse:
+) -> Response:
     """Find and classify the faces in each of several images: one result per file, in upload order.
 
     A file that cannot be used (empty, too large, corrupt, not an image) does not fail the
@@ -166,7 +178,7 @@ async def predict_batch(
         else FileFaces(filename=file.filename, faces=outcome)
         for file, outcome in zip(files, outcomes, strict=True)
     ]
-    return BatchResponse(results=results, model=ModelRef.from_info(pipeline.predictor.info))
+    return serialized(BatchResponse(results=results, model=ModelRef.from_info(pipeline.predictor.info)))
 
 
 FpsParam = Annotated[
@@ -196,6 +208,13 @@ async def predict_video(
     async with pipeline.limiter.admit():
         summary, tracks = await pipeline.limiter.run_admitted(pipeline.analyzer().video_tracks, data, fps, limits)
     return VideoResponse(video=summary, tracks=tracks, model=ModelRef.from_info(pipeline.predictor.info))
+
+
+def serialized(body: BaseModel) -> Response:
+    """``body`` as JSON, serialised once, by pydantic. Returned as a Response, it is not validated and
+    serialised again by FastAPI (the route's ``response_model`` still documents it): built from the
+    schema's own models, it is valid already."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
