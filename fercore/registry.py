@@ -368,6 +368,24 @@ def promote(
     return _transact(store or store_for(output), decide, actor)
 
 
+def publish_promoted(
+    output: str | Path,
+    run_id: str,
+    files: dict[str, Path],
+    model_name: str = "model.pt",
+    metrics: dict[str, Any] | None = None,
+    created_at: str = "",
+    dataset_fingerprint: str = "",
+) -> LatestPointer:
+    """:func:`fercore.storage.publish_run`, then serve the run unconditionally (:func:`promote` without
+    a gate: recorded in the history, the gate's verdict as its note). ``latest.json`` is written
+    after every file it names is in place. Returns the pointer as written to ``latest.json``."""
+    candidate = storage.publish_run(output, run_id, files, model_name, metrics, created_at, dataset_fingerprint)
+    outcome = promote(output, candidate, gate=None, actor=Actor.here("fercore.registry.publish_promoted"))
+    assert outcome.pointer is not None  # without a gate the only refusal is "already served", which has one
+    return outcome.pointer
+
+
 def rollback(output: str | Path, actor: Actor, store: Store | None = None) -> Outcome:
     """Serve again the model served before the current one (repeated: further back)."""
 

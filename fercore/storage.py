@@ -296,17 +296,14 @@ def publish_run(
     metrics: dict[str, Any] | None = None,
     created_at: str = "",
     dataset_fingerprint: str = "",
-    promote: bool = True,
 ) -> LatestPointer:
     """Copy a finished run's ``files`` (name in the run folder -> local file) to
     ``<output>/<run_id>/``, then write the run's ``pointer.json`` (the candidate naming
-    ``model_name``, the file the service would run, with every file's sha256).
+    ``model_name``, the file the service would run, with every file's sha256). Returns the candidate.
 
-    ``promote=True`` then points ``latest.json`` at the run unconditionally, recording it in the
-    history (:func:`fercore.registry.promote` without a gate); ``promote=False`` leaves that to
-    the caller, which applies the gate (``training.train``, ``training.promote``). Either way
-    ``latest.json`` is written after every file it names is in place. Returns the candidate, or
-    the pointer as written to ``latest.json`` when promoted.
+    Publishing serves nothing: promoting a candidate (``latest.json`` and its history) is
+    :mod:`fercore.registry`'s, which is built on this module (:func:`fercore.registry.promote`
+    with or without a gate, :func:`fercore.registry.publish_promoted` for both steps at once).
     """
     if model_name not in files:
         raise ValueError(f"run files must include {model_name}")
@@ -324,14 +321,7 @@ def publish_run(
     )
     write_bytes(join(output, run_id, RUN_POINTER), candidate.to_json())
     log.info("published %s to %s", run_id, join(output, run_id))
-    if not promote:
-        return candidate
-    # Imported here: the registry is built on this module (a top-level import would be a cycle).
-    from fercore import registry
-
-    outcome = registry.promote(output, candidate, gate=None, actor=registry.Actor.here("fercore.storage.publish_run"))
-    assert outcome.pointer is not None  # without a gate the only refusal is "already served", which has one
-    return outcome.pointer
+    return candidate
 
 
 def read_run(output: str | Path, run_id: str, timeout: float | None = None) -> LatestPointer:

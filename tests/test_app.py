@@ -38,7 +38,8 @@ from app.settings import BUNDLED_MODEL, ConfigError, Settings, load_settings
 from fercore.cpus import available_cpus, cgroup_cpu_quota
 from fercore.framing import SERVED_FRAME, expand_box
 from fercore.labels import CLASS_NAMES
-from fercore.storage import LATEST, publish_run, sha256_file
+from fercore.registry import publish_promoted
+from fercore.storage import LATEST, sha256_file
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 from tests.utils.service import (
     SETTINGS_ENV,
@@ -730,7 +731,7 @@ def publish(tmp_path: Path, run_id: str = "run-7") -> tuple[Path, Path]:
     """A model registry folder as training publishes it: ``<out>/<run_id>/model.onnx`` + latest.json."""
     model = write_model(tmp_path / "build" / "model.onnx", run_id=run_id)
     out = tmp_path / "registry"
-    publish_run(out, run_id, {"model.onnx": model}, model_name="model.onnx", metrics={"val_accuracy": 0.5})
+    publish_promoted(out, run_id, {"model.onnx": model}, model_name="model.onnx", metrics={"val_accuracy": 0.5})
     return out, out / run_id / "model.onnx"
 
 
@@ -811,7 +812,7 @@ def test_unloadable_model_keeps_service_unready(
 def test_gcs_prefix_is_downloaded_verified_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gcs) -> None:
     prefix = f"gs://{gcs.name}/models"
     model = write_model(tmp_path / "model.onnx", run_id="gcs-run")
-    publish_run(prefix, "gcs-run", {"model.onnx": model}, model_name="model.onnx")
+    publish_promoted(prefix, "gcs-run", {"model.onnx": model}, model_name="model.onnx")
     with running_app(monkeypatch, MODEL_URI=prefix) as client:
         info = client.get("/model").json()
         assert (info["version"], info["sha256"], info["source"]) == ("gcs-run", sha256_file(model), prefix)
@@ -821,7 +822,7 @@ def test_gcs_prefix_is_downloaded_verified_and_cached(monkeypatch: pytest.Monkey
 
 def test_gcs_sha256_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gcs, caplog) -> None:
     prefix = f"gs://{gcs.name}/models"
-    publish_run(prefix, "gcs-run", {"model.onnx": write_model(tmp_path / "model.onnx")}, model_name="model.onnx")
+    publish_promoted(prefix, "gcs-run", {"model.onnx": write_model(tmp_path / "model.onnx")}, model_name="model.onnx")
     gcs.blob("models/gcs-run/model.onnx").upload_from_filename(str(write_model(tmp_path / "other.onnx", seed=1)))
     with caplog.at_level(logging.ERROR), running_app(monkeypatch, MODEL_URI=prefix) as client:
         assert client.get("/readyz").status_code == 503

@@ -6,7 +6,7 @@ file's. Each is refused with a message saying why, at startup (the service stays
 the bundled model with FALLBACK_TO_BUNDLED) and on a hot reload (``POST /admin/reload``: the old
 model keeps serving, ``GET /model`` says what failed).
 
-These use a local model folder (``latest.json`` + runs, as ``fercore.storage.publish_run`` writes
+These use a local model folder (``latest.json`` + runs, as ``fercore.registry.publish_promoted`` writes
 it); ``tests/test_reload.py`` covers broken runs through GCS. Also here: PyTorch checkpoints that
 training, evaluation and the exporter must refuse (what they would allocate, their preprocessing).
 """
@@ -25,7 +25,8 @@ from onnx.external_data_helper import convert_model_to_external_data
 
 from fercore.checkpoint import CheckpointError, build_model, load_checkpoint, make_checkpoint
 from fercore.models import ModelConfig, create_model
-from fercore.storage import LATEST, publish_run, sha256_file
+from fercore.registry import publish_promoted
+from fercore.storage import LATEST, sha256_file
 from tests.utils.checkpoints import checkpoint_bytes
 from tests.utils.service import clean_service_env, gray_png, post_image, running_app, write_mismatched_model, write_model
 
@@ -63,7 +64,7 @@ class _Payload:
 
 def publish_good(folder: Path, build: Path, run_id: str, seed: int = 0) -> Path:
     model = write_model(build / run_id / "model.onnx", run_id=run_id, seed=seed)
-    publish_run(folder, run_id, {"model.onnx": model}, model_name="model.onnx")
+    publish_promoted(folder, run_id, {"model.onnx": model}, model_name="model.onnx")
     return folder / run_id / "model.onnx"
 
 
@@ -111,7 +112,7 @@ def publish_broken(folder: Path, build: Path, run_id: str, how: str, marker: Pat
         _edit(path, lambda g: _set_prop(g, "preprocessing", json.dumps(spec)))
     elif how == "external_weights":
         _external_weights(path)
-    publish_run(folder, run_id, {"model.onnx": path}, model_name="model.onnx")
+    publish_promoted(folder, run_id, {"model.onnx": path}, model_name="model.onnx")
     if how == "wrong_sha256":
         pointer = json.loads((folder / LATEST).read_text())
         pointer["sha256"] = "0" * 64

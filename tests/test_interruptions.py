@@ -32,7 +32,7 @@ import pytest
 import torch
 from google.api_core import exceptions as api_exceptions
 
-from fercore import storage
+from fercore import registry, storage
 from fercore.checkpoint import load_checkpoint
 from tests.utils import synthetic
 from training import train
@@ -234,7 +234,7 @@ def killed_before_the_pointer_moves(target: str, tmp_path: Path, where: str) -> 
     check that the first run is still current, then publish another one."""
     model = tmp_path / "run-000.pt"
     model.write_bytes(b"the previous model")
-    before = storage.publish_run(target, "run-000", {"model.pt": model})
+    before = registry.publish_promoted(target, "run-000", {"model.pt": model})
 
     publisher = ["-m", "tests.utils.publisher", target, "--scratch", str(tmp_path / "scratch")]
     with child(*publisher, "--first", "1", "--stall-at", where) as (proc, output):

@@ -69,7 +69,7 @@ def candidate(
     metrics: dict[str, float | str] = {"val_split": split, **extra}
     if accuracy is not None:
         metrics["val_accuracy"] = accuracy
-    return storage.publish_run(uri, run_id, {"model.pt": model}, metrics=metrics, dataset_fingerprint="fp", promote=False)
+    return storage.publish_run(uri, run_id, {"model.pt": model}, metrics=metrics, dataset_fingerprint="fp")
 
 
 @pytest.mark.slow
@@ -343,7 +343,7 @@ def test_a_run_publishes_every_file_and_serves_the_one_named(tmp_path: Path) -> 
     for name, path in files.items():
         path.write_bytes(name.encode())
     uri = tmp_path / "models"
-    pointer = storage.publish_run(uri, "r", files, model_name="model.onnx")
+    pointer = registry.publish_promoted(uri, "r", files, model_name="model.onnx")
     assert (pointer.path, pointer.sha256) == ("r/model.onnx", hashlib.sha256(b"model.onnx").hexdigest())
     assert pointer.files == {name: hashlib.sha256(name.encode()).hexdigest() for name in files}
     assert storage.read_latest(uri) == pointer and served_file_matches(str(uri))

@@ -3,7 +3,7 @@
 Everything here runs the real google-cloud-storage client against a real gcp-storage-emulator
 process (the ``gcs`` fixture); "GCS down" is the client pointed at a port nobody listens on,
 "GCS slow" one whose listener never answers. Runs are published with
-:func:`fercore.storage.publish_run`, as training publishes them.
+:func:`fercore.registry.publish_promoted`, as training publishes them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from starlette.datastructures import State
 from app.main import create_app
 from app.model import Prediction
 from app.settings import ConfigError
-from fercore.storage import publish_run, sha256_file
+from fercore.registry import publish_promoted
+from fercore.storage import sha256_file
 from tests.conftest import refused_port
 from tests.utils.service import (
     clean_service_env,
@@ -69,10 +70,10 @@ def publish_broken(prefix: str, tmp_path: Path, gcs: Bucket, run_id: str, how: s
         junk = tmp_path / run_id / "model.onnx"
         junk.parent.mkdir(parents=True, exist_ok=True)
         junk.write_bytes(b"this is not an ONNX file")
-        publish_run(prefix, run_id, {"model.onnx": junk}, model_name="model.onnx")
+        publish_promoted(prefix, run_id, {"model.onnx": junk}, model_name="model.onnx")
     elif how == "wrong_signature":  # the metadata names 5 classes, the graph gives 7 scores
         path = write_mismatched_model(tmp_path / run_id / "model.onnx", run_id=run_id)
-        publish_run(prefix, run_id, {"model.onnx": path}, model_name="model.onnx")
+        publish_promoted(prefix, run_id, {"model.onnx": path}, model_name="model.onnx")
     else:
         raise ValueError(how)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fercore import storage
+from fercore import registry, storage
 from fercore.checkpoint import CheckpointError, build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.labels import CLASS_NAMES
 from fercore.models import ModelConfig, create_model
@@ -100,8 +101,8 @@ def _run_files(tmp_path: Path, run_id: str) -> dict[str, Path]:
 
 def test_publish_local_then_resolve_latest(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p1 = storage.publish_run(out, "r1", _run_files(tmp_path, "r1"), metrics={"val_accuracy": 0.5})
-    p2 = storage.publish_run(out, "r2", _run_files(tmp_path, "r2"))
+    p1 = registry.publish_promoted(out, "r1", _run_files(tmp_path, "r1"), metrics={"val_accuracy": 0.5})
+    p2 = registry.publish_promoted(out, "r2", _run_files(tmp_path, "r2"))
     latest = storage.read_latest(out)
     assert latest == p2 and latest.path == "r2/model.pt"
     assert storage.sha256_file(latest.model_uri(out)) == latest.sha256
@@ -111,7 +112,7 @@ def test_publish_local_then_resolve_latest(tmp_path: Path) -> None:
 
 def test_publish_to_gcs_and_resolve(gcs, tmp_path: Path) -> None:
     prefix = f"gs://{gcs.name}/models"
-    storage.publish_run(prefix, "r1", _run_files(tmp_path, "r1"), metrics={"val_accuracy": 0.5})
+    registry.publish_promoted(prefix, "r1", _run_files(tmp_path, "r1"), metrics={"val_accuracy": 0.5})
     latest = storage.read_latest(prefix)
     assert latest.run_id == "r1" and latest.metrics == {"val_accuracy": 0.5}
     assert gcs.blob("models/r1/metrics.json").exists()
@@ -121,7 +122,7 @@ def test_publish_to_gcs_and_resolve(gcs, tmp_path: Path) -> None:
 
 def test_gcs_download_with_wrong_sha_leaves_nothing(gcs, tmp_path: Path) -> None:
     prefix = f"gs://{gcs.name}/m"
-    storage.publish_run(prefix, "r1", _run_files(tmp_path, "r1"))
+    registry.publish_promoted(prefix, "r1", _run_files(tmp_path, "r1"))
     dest = tmp_path / "dl" / "model.pt"
     with pytest.raises(ValueError, match="does not match"):
         storage.download(f"{prefix}/r1/model.pt", dest, expected_sha256="0" * 64)
@@ -130,11 +131,11 @@ def test_gcs_download_with_wrong_sha_leaves_nothing(gcs, tmp_path: Path) -> None
 
 def test_failed_model_upload_never_moves_latest(gcs, tmp_path: Path) -> None:
     prefix = f"gs://{gcs.name}/m"
-    storage.publish_run(prefix, "r1", _run_files(tmp_path, "r1"))
+    registry.publish_promoted(prefix, "r1", _run_files(tmp_path, "r1"))
     files = _run_files(tmp_path, "r2")
     files["model.pt"].unlink()  # the upload of the model fails
     with pytest.raises(FileNotFoundError):
-        storage.publish_run(prefix, "r2", files)
+        registry.publish_promoted(prefix, "r2", files)
     latest = storage.read_latest(prefix)
     assert latest.run_id == "r1"
     assert gcs.blob(f"m/{latest.path}").exists()
@@ -145,3 +146,20 @@ def test_uri_helpers() -> None:
     assert storage.join("gs://b/p/", "r", "model.pt") == "gs://b/p/r/model.pt"
     with pytest.raises(ValueError):
         storage.split_gcs("gs:///x")
+
+
+def test_publishing_serves_nothing(tmp_path: Path) -> None:
+    """Publishing writes the run and its candidate pointer; serving it is the registry's (one direction:
+    fercore.registry is built on fercore.storage, never the other way)."""
+    out = tmp_path / "out"
+    candidate = storage.publish_run(out, "r1", _run_files(tmp_path, "r1"), metrics={"val_accuracy": 0.5})
+    assert not (out / storage.LATEST).exists()
+    assert storage.read_run(out, "r1") == candidate and candidate.promotion == {}
+    served = registry.publish_promoted(out, "r2", _run_files(tmp_path, "r2"))
+    assert storage.read_latest(out) == served and served.run_id == "r2" and served.promotion
+    imported = set()  # every module and name storage imports, inside functions too
+    for node in ast.walk(ast.parse(Path(storage.__file__).read_text())):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            imported |= {node.module or ""} if isinstance(node, ast.ImportFrom) else set()
+            imported |= {alias.name for alias in node.names}
+    assert not any("registry" in name for name in imported)

@@ -57,7 +57,6 @@ def publish_and_promote(
         metrics=scalar_metrics(info.metrics),
         created_at=info.created_at,
         dataset_fingerprint=info.dataset_fingerprint,
-        promote=False,
     )
     if policy == "never":
         return Outcome(False, f"published run {info.run_id} without promoting it (--promote never)", None)

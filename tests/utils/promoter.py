@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
             {"model.pt": model},
             metrics={"val_accuracy": args.val_accuracy, "val_split": "val"},
             dataset_fingerprint="fp",
-            promote=False,
         )
     print("ready", flush=True)
     while not args.go.exists():

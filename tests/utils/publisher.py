@@ -3,7 +3,7 @@
     python -m tests.utils.publisher OUTPUT --scratch DIR --first 3 --count 50 --model-bytes 2000000 [--stall-at pointer]
 
 Publishes ``run-003``, ``run-004``... to OUTPUT (a folder or ``gs://bucket/prefix``) with
-:func:`fercore.storage.publish_run` (which promotes unconditionally): each run's files, then
+:func:`fercore.registry.publish_promoted` (which promotes unconditionally): each run's files, then
 ``latest.json``, then the promotion history. Each run's files are written under ``--scratch`` first
 (a folder the test owns and removes: the tests SIGKILL this process, so it can clean up nothing).
 Each model is ``--model-bytes`` of random bytes (publishing does not read them). It prints
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fercore import storage
+from fercore import registry, storage
 
 STALL_S = 3600.0  # until killed
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "model.pt").write_bytes(data)
         (folder / "metrics.json").write_text('{"val_accuracy": 0.5}')
         print(f"publishing {run} {hashlib.sha256(data).hexdigest()}", flush=True)
-        storage.publish_run(args.output, run, {"model.pt": folder / "model.pt", "metrics.json": folder / "metrics.json"})
+        registry.publish_promoted(args.output, run, {"model.pt": folder / "model.pt", "metrics.json": folder / "metrics.json"})
         print(f"published {run}", flush=True)
     return 0
 

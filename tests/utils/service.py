@@ -29,7 +29,7 @@ from app.main import create_app
 from bench.service import SERVICE_ARGS, start_uvicorn, stop
 from fercore.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fercore.models import ModelConfig, create_model
-from fercore.storage import publish_run
+from fercore.registry import publish_promoted
 from tests.conftest import free_port
 from training.export import export_onnx
 
@@ -105,7 +105,7 @@ def write_mismatched_model(path: Path, run_id: str = "test-run") -> Path:
 def publish(prefix: str, tmp_path: Path, run_id: str, seed: int = 0) -> Path:
     """Publish a tiny model as run ``run_id`` under ``prefix``; the local ONNX file it came from."""
     model = write_model(tmp_path / run_id / "model.onnx", run_id=run_id, seed=seed)
-    publish_run(prefix, run_id, {"model.onnx": model}, model_name="model.onnx", metrics={"val_accuracy": 0.5})
+    publish_promoted(prefix, run_id, {"model.onnx": model}, model_name="model.onnx", metrics={"val_accuracy": 0.5})
     return model
 
 
