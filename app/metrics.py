@@ -49,6 +49,12 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         common = _Registered(namespace=NAMESPACE, registry=self.registry)
+        self._declare_http(common)
+        self._declare_inference(common)
+        self._declare_model(common)
+
+    def _declare_http(self, common: _Registered) -> None:
+        """Requests as the client sees them (app.access)."""
         self.requests = Counter(
             "http_requests",
             "HTTP requests answered, by method, route template and status code.",
@@ -63,6 +69,9 @@ class Metrics:
             **common,
         )
         self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being handled right now.", **common)
+
+    def _declare_inference(self, common: _Registered) -> None:
+        """Admission, slots, forward passes and what they found (app.concurrency, app.batching, app.pipeline)."""
         self.inference_admitted = Gauge(
             "inference_admitted",
             "Requests running or waiting for an inference slot; at most MAX_CONCURRENT_INFERENCES + MAX_QUEUE (beyond: 503).",
@@ -73,7 +82,8 @@ class Metrics:
         )
         self.inference_duration = Histogram(
             "inference_duration_seconds",
-            "Time a request held an inference slot: decode, face detection and (unless micro-batched) classification.",
+            "Time a request held an inference slot: decode, face detection, and its forward pass when that ran in"
+            " the slot (BATCH_MAX_SIZE=1, or nothing to batch with).",
             buckets=LATENCY_BUCKETS,
             **common,
         )
@@ -90,6 +100,9 @@ class Metrics:
             "faces_per_image", "Faces found per decoded image (1 with detect=false).", buckets=FACES_BUCKETS, **common
         )
         self.predictions = Counter("predictions", "Faces classified, by predicted emotion.", ["emotion"], **common)
+
+    def _declare_model(self, common: _Registered) -> None:
+        """The model served, and its loads (app.loader)."""
         self.model_info = Gauge(
             "model_info",
             "The model being served (always 1; its identity is in the labels).",
