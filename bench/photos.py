@@ -12,8 +12,10 @@ a face (skimage's coffee, rocket, chelsea, hubble_deep_field, immunohistochemist
 Measured in each of ``--rounds`` rounds, in turn, so the machine's load falls on all alike:
 
 * ``api``: ``ferkit.Analyzer.analyze(path)`` on each file in turn, one process;
-* ``cli``: ``fer-analyze FOLDER --output faces.csv`` in process (``ferkit.cli.main``): the same,
-  with the folder listed and the rows written (the model's load included);
+* ``api_files``: ``ferkit.Analyzer.analyze_files(paths)``: several files at once, one per thread
+  (``--threads`` of them), in order;
+* ``cli``: ``fer-analyze FOLDER --output faces.csv`` in process (``ferkit.cli.main``), which runs
+  ``analyze_files``, with the folder listed and the rows written (the model's load included);
 * ``http_sequential``: the real service (``uvicorn --factory app.main:serve_app``, default
   settings, the same model) with one client posting each file to ``POST /predict`` in turn on a
   keep-alive connection;
@@ -91,6 +93,15 @@ def faces_of(body: dict[str, Any]) -> list[tuple[tuple[int, ...], str]]:
 
 def via_api(analyzer: Analyzer, paths: Sequence[Path]) -> Found:
     return [[(tuple(f.box), f.emotion) for f in analyzer.analyze(path)] for path in paths]
+
+
+def via_api_files(analyzer: Analyzer, paths: Sequence[Path]) -> Found:
+    found: Found = []
+    for _, faces in analyzer.analyze_files(paths):
+        if not isinstance(faces, list):
+            raise faces
+        found.append([(tuple(f.box), f.emotion) for f in faces])
+    return found
 
 
 def via_cli(folder: Path, model: Path, out: Path) -> Found:
@@ -177,6 +188,7 @@ def bench(args: argparse.Namespace, folder: Path, paths: list[Path], work: Path)
         via_http(server.base_url, paths[:5])  # warm-up
         runs: dict[str, Callable[[], Found]] = {
             "api": lambda: via_api(analyzer, paths),
+            "api_files": lambda: via_api_files(analyzer, paths),
             "cli": lambda: via_cli(folder, args.model, work / "faces.csv"),
             "http_sequential": lambda: via_http(server.base_url, paths),
             "http_concurrent": lambda: via_http_concurrent(server.base_url, paths, args.concurrency),

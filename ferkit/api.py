@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -22,6 +24,7 @@ from PIL import Image
 from app import analysis
 from app.analysis import AnalysedFrame, detector_config
 from app.faces import FaceDetector
+from app.failures import ServiceError
 from app.model import Predictor
 from app.schemas import Face, ModelRef, PredictResponse, VideoResponse
 from app.settings import Settings, load_settings
@@ -29,6 +32,8 @@ from app.tracking import Tracker
 from app.video import Video, VideoLimits
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+T = TypeVar("T")
+R = TypeVar("R")
 VideoInput = str | os.PathLike[str] | bytes
 
 
@@ -83,6 +88,23 @@ class Analyzer:
             return self.core.upload(Path(image).read_bytes(), explain)
         return self.core.images([to_pil(image)], explain)[0]
 
+    def analyze_files(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Path, list[Face] | Exception]]:
+        """Each file's faces, or why it has none (a client-side :class:`~app.failures.ServiceError`,
+        an :class:`OSError`), in order; several files at once, one per thread (``threads``). A
+        failure that is not the file's (a 5xx) is raised."""
+
+        def one(path: Path) -> tuple[Path, list[Face] | Exception]:
+            try:
+                return path, self.analyze(path)
+            except ServiceError as exc:
+                if not exc.client_error:
+                    raise
+                return path, exc
+            except OSError as exc:
+                return path, exc
+
+        yield from ordered_map(self.core.workers, one, map(Path, paths))
+
     def predict_response(self, image: ImageInput, explain: bool = False) -> PredictResponse:
         """:meth:`analyze` in the shape ``POST /predict`` answers (faces and model)."""
         return PredictResponse(faces=self.analyze(image, explain), model=self.model)
@@ -106,6 +128,25 @@ class Analyzer:
     def video_limits(self) -> VideoLimits:
         """A local video's bounds: any length; frames within MAX_IMAGE_PIXELS, as photos."""
         return VideoLimits(max_frame_pixels=self.settings.max_image_pixels)
+
+
+def ordered_map(executor: Executor | None, fn: Callable[[T], R], items: Iterable[T], ahead: int = 8) -> Iterator[R]:
+    """``map(fn, items)`` on ``executor``'s threads, in order, at most ``ahead`` items in flight (a
+    folder of a million photos is not read into memory at once); in this thread without one."""
+    if executor is None:
+        yield from map(fn, items)
+        return
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def video_source(video: VideoInput) -> Path | bytes:

@@ -221,7 +221,7 @@ def write_photo_rows(rows: RowWriter, path: Path, faces: Sequence[Face]) -> None
 
 def run_photos(analyzer: Analyzer, paths: Sequence[Path], args: argparse.Namespace) -> int:
     """Many photos: a row per face to --output (JSON Lines on stdout with --json, else text), the
-    unreadable ones reported on stderr and skipped."""
+    unreadable ones reported on stderr and skipped; several analysed at once (``Analyzer.analyze_files``)."""
     skipped = 0
     progress = Progress(len(paths), "photos")
     with Outputs() as outputs:
@@ -230,11 +230,11 @@ def run_photos(analyzer: Analyzer, paths: Sequence[Path], args: argparse.Namespa
             rows = RowWriter(outputs.text(args.output), args.output.suffix.lower(), photo_columns(analyzer.classes))
         elif args.json:
             rows = RowWriter(sys.stdout, ".jsonl", [])
-        for path in paths:
-            faces = analyze_or_skip(analyzer, path)
+        for path, faces in analyzer.analyze_files(paths):
             progress.update()
-            if faces is None:
+            if not isinstance(faces, list):
                 skipped += 1
+                print(f"{PROG}: skipped {path}: {reason(faces)}", file=sys.stderr)
             elif rows is None:
                 print_faces(str(path), faces)
             else:
@@ -245,19 +245,13 @@ def run_photos(analyzer: Analyzer, paths: Sequence[Path], args: argparse.Namespa
     return 2 if skipped else 0
 
 
-def analyze_or_skip(analyzer: Analyzer, path: Path) -> list[Face] | None:
-    """The photo's faces, or None when it cannot be read (said on stderr); the service's own
-    failures (5xx) are not the photo's and stop the run."""
-    try:
-        return analyzer.analyze(read_input(path))
-    except Unreadable as exc:
-        detail = str(exc)
-    except ServiceError as exc:
-        if not exc.client_error:
-            raise
-        detail = f"{path}: {exc.detail}"
-    print(f"{PROG}: skipped {detail}", file=sys.stderr)
-    return None
+def reason(error: Exception) -> str:
+    """Why a file was not analysed, in a few words."""
+    if isinstance(error, ServiceError):
+        return error.detail
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error)
 
 
 def run_video(analyzer: Analyzer, path: Path, args: argparse.Namespace) -> int:

@@ -43,12 +43,12 @@ def test_photos_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     clean_service_env(monkeypatch)
     model = write_model(tmp_path / "tiny.onnx")  # any model: only the faces and their agreement are checked
     out = tmp_path / "photos.json"
-    argv = ["--photos", "10", "--rounds", "1", "--batch", "4", "--concurrency", "2", "--threads", "1"]
+    argv = ["--photos", "10", "--rounds", "1", "--batch", "4", "--concurrency", "2", "--threads", "2"]
     assert bench_photos.main([*argv, "--model", str(model), "--output", str(out)]) == 0
     results = read(out, "photos")
     assert results["photos"]["count"] == 10 and results["photos"]["with_a_face"] == 8
     assert results["photos"]["faces_found"] >= 8  # the astronaut in each of the 8 (the detector is not the tiny model)
     ways = results["ways"]
-    assert set(ways) == {"api", "cli", "http_sequential", "http_concurrent", "http_batch"}
+    assert set(ways) == {"api", "api_files", "cli", "http_sequential", "http_concurrent", "http_batch"}
     assert all(row["same_faces_as_api"] and row["photos_per_s"] > 0 for row in ways.values()), ways
     assert ways["api"]["vs_api"] == 1.0

@@ -23,7 +23,7 @@ from PIL import Image
 
 import ferkit
 from ferkit import cli, draw
-from ferkit.outputs import photo_columns, video_columns
+from ferkit.outputs import Progress, photo_columns, video_columns
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 from tests.utils.service import clean_service_env, write_model
 from tests.utils.videos import audio_only, moving_face_frames, moving_face_video, video_bytes
@@ -171,6 +171,22 @@ def test_a_glob_to_json_lines(album: Path, capsys: pytest.CaptureFixture[str], a
     assert records[2] == {"file": "album/astronaut.jpg", "face": 1, **json.loads(face.model_dump_json(exclude_none=True))}
 
 
+def test_a_folder_on_two_threads_writes_the_same_rows(
+    album: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = sorted(album.rglob("*.[jp][pn]g"))
+    (album / "more").mkdir()
+    for copy in range(3):  # more photos than are kept in flight (ferkit.api.ordered_map's 8)
+        for photo_path in photos:
+            (album / "more" / f"{copy}-{photo_path.name}").write_bytes(photo_path.read_bytes())
+    one = run(capsys, "album", "--output", "one.csv")
+    monkeypatch.setenv("INFERENCE_THREADS", "2")  # two photos at once
+    two = run(capsys, "album", "--output", "two.csv")
+    assert one == two and one[0] == 2
+    assert one[2].count("skipped album/") == 4 and one[2].endswith("12 photos analysed, 4 skipped\n")  # broken.jpg, 3 copies
+    assert (album.parent / "one.csv").read_text() == (album.parent / "two.csv").read_text()
+
+
 def test_readable_photos_exit_0_and_print_without_output(album: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (album / "broken.jpg").unlink()
     status, out, err = run(capsys, "album")
@@ -179,6 +195,21 @@ def test_readable_photos_exit_0_and_print_without_output(album: Path, capsys: py
     assert "album/trip/coffee.jpg: no face found" in out and out.count("album/trip/pair.png: face") == 2
     status, out, _ = run(capsys, "album", "--json")  # JSON Lines on stdout
     assert status == 0 and [json.loads(line)["file"] for line in out.splitlines()].count("album/trip/pair.png") == 2
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        bar = Progress(4, "photos", stream)
+        for _ in range(4):
+            bar.update()
+        bar.close()
+    assert re.search(r"\r\[#{30}\] 4/4 photos [\d.]+/s\n$", terminal.getvalue()), terminal.getvalue()
+    assert pipe.getvalue() == ""
 
 
 # --- a video ---------------------------------------------------------------------------------------
