@@ -26,7 +26,7 @@ from ferkit import cli, draw
 from ferkit.outputs import Progress, photo_columns, video_columns
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 from tests.utils.service import clean_service_env, write_model
-from tests.utils.videos import audio_only, moving_face_frames, moving_face_video, video_bytes
+from tests.utils.videos import audio_only, frameless_video, huge_frame_video, moving_face_frames, moving_face_video, video_bytes
 
 CLIP = moving_face_video(2.0)  # 60 frames at 30 fps, 640x360
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -316,6 +316,8 @@ VIDEO_OUTPUTS = ["--output", "rows.jsonl", "--annotate", "out.mp4", "--plot", "t
         ("garbage.mp4", b"\x00\x01 this is not a video" * 50, VIDEO_OUTPUTS, "garbage.mp4: corrupt video"),
         ("truncated.mp4", CLIP[: len(CLIP) // 2], VIDEO_OUTPUTS, "truncated.mp4: corrupt video"),
         ("tone.m4a", audio_only(), PHOTO_OUTPUTS, "tone.m4a: no video stream"),
+        ("frameless.avi", frameless_video(), VIDEO_OUTPUTS, "frameless.avi: video has no frames"),
+        ("huge.mov", huge_frame_video(), VIDEO_OUTPUTS, "huge.mov: video frame has too many pixels"),  # 100 Mpx
         ("notes.txt", b"a note, not a photo", PHOTO_OUTPUTS, "notes.txt: not a photo or a video this program can read"),
     ],
 )
