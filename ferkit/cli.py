@@ -6,9 +6,10 @@
     fer-analyze photos/ --output results.csv       one row per face (or .jsonl); also globs, several files
     fer-analyze clip.mp4 --fps 10 --output frames.csv --plot timeline.png --annotate out.mp4
 
-Exit status: 0 done; 1 a failure of this program or its model; 2 bad usage or an input that
-cannot be read (a folder's unreadable files are reported and skipped, its other files analysed,
-and the status is 2). Errors are one line on stderr; output files appear whole or not at all.
+Exit status: 0 done; 1 a failure of this program, of its model, or an output it cannot write; 2
+bad usage or an input that cannot be read (a folder's unreadable files are reported and skipped,
+its other files analysed, and the status is 2). Errors are one line on stderr; output files
+appear whole or not at all.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ferkit import draw
 from ferkit.api import Analyzer
 from ferkit.outputs import (
     ROW_FORMATS,
+    OutputError,
     Outputs,
     Progress,
     RowWriter,
@@ -94,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(exc.detail, 2 if exc.client_error else 1)
     except ModelLoadError as exc:
         return fail(f"model not loaded: {exc}", 1)
+    except OutputError as exc:
+        return fail(str(exc), 1)
+    except OSError as exc:  # e.g. the disk filled up while writing: no traceback, the outputs removed
+        return fail(f"{exc.filename or 'output'}: {exc.strerror or exc}", 1)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
 

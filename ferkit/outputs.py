@@ -30,6 +30,10 @@ ROW_FORMATS = (".csv", ".jsonl")
 T = TypeVar("T")
 
 
+class OutputError(Exception):
+    """An output file that cannot be written where it was asked for."""
+
+
 class Outputs:
     """The run's output files, each appearing at its path only if the ``with`` block succeeds."""
 
@@ -48,7 +52,10 @@ class Outputs:
         return self._stack.enter_context(context)
 
     def binary(self, path: Path) -> BinaryIO:
-        return self._stack.enter_context(atomic_write(path))
+        try:
+            return self._stack.enter_context(atomic_write(path))
+        except OSError as exc:  # its folder cannot be made or written to
+            raise OutputError(f"{path}: cannot write it: {exc.strerror or exc}") from None
 
     def text(self, path: Path) -> TextIO:
         wrapper = io.TextIOWrapper(self.binary(path), encoding="utf-8", newline="")

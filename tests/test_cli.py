@@ -348,6 +348,14 @@ def test_a_video_failing_half_way_leaves_the_old_outputs(
     assert files_in(work) == {"astronaut.jpg", "clip.mp4", "grows.ts", "rows.csv"}
 
 
+def test_an_output_that_cannot_be_written_exits_1(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for outputs in (["--output", "astronaut.jpg/rows.csv"], ["--annotate", "clip.mp4/boxed.jpg"]):
+        status, out, err = run(capsys, "astronaut.jpg", *outputs)
+        assert (status, out) == (1, "")
+        assert re.fullmatch(rf"fer-analyze: error: {re.escape(outputs[1])}: cannot write it: [^\n]+\n", err), err
+    assert files_in(work) == {"astronaut.jpg", "clip.mp4"}
+
+
 def test_a_model_that_cannot_load_exits_1(work: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     status, out, err = run(capsys, "astronaut.jpg", "--model", str(tmp_path / "missing.onnx"))
     assert (status, out) == (1, "")
