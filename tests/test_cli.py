@@ -26,7 +26,15 @@ from ferkit import cli, draw
 from ferkit.outputs import Progress, photo_columns, video_columns
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
 from tests.utils.service import clean_service_env, write_model
-from tests.utils.videos import audio_only, frameless_video, huge_frame_video, moving_face_frames, moving_face_video, video_bytes
+from tests.utils.videos import (
+    audio_only,
+    frameless_video,
+    huge_frame_video,
+    moving_face_frames,
+    moving_face_video,
+    two_faces_video,
+    video_bytes,
+)
 
 CLIP = moving_face_video(2.0)  # 60 frames at 30 fps, 640x360
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -261,6 +269,19 @@ def test_a_video_prints_its_tracks_or_the_apis_json(
     assert json.loads(out) == json.loads(analyzer.analyze_video(CLIP).model_dump_json())
     records = [json.loads(line) for line in (work / "every.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in records] == list(range(60)) and records[0]["file"] == "clip.mp4"
+
+
+def test_two_faces_keep_their_ids_through_a_video(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (work / "pair.mp4").write_bytes(two_faces_video(2.0))
+    assert run(capsys, "pair.mp4", "--fps", "5", "--output", "pair.csv", "--plot", "pair.png")[0] == 0
+    with open(work / "pair.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_track: dict[str, list[int]] = {}
+    for row in rows:
+        by_track.setdefault(row["track_id"], []).append(int(row["x"]))
+    assert sorted(by_track) == ["1", "2"] and [len(xs) for xs in by_track.values()] == [10, 10]
+    assert all(x < 640 for x in by_track["1"]) and all(x >= 640 for x in by_track["2"])  # never swapped
+    assert Image.open(work / "pair.png").height == 28 + 2 * 200  # a panel per face (ferkit.draw.timeline)
 
 
 def test_a_video_with_an_odd_frame_size_is_annotated(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

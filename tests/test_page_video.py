@@ -17,7 +17,7 @@ from playwright.sync_api import Locator, Page
 from tests import test_page
 from tests.utils.browser import expect
 from tests.utils.photos import photo_jpeg
-from tests.utils.videos import moving_face_frames, moving_face_video, video_bytes
+from tests.utils.videos import moving_face_frames, moving_face_video, two_faces_video, video_bytes
 
 pytestmark = pytest.mark.browser
 
@@ -88,6 +88,19 @@ def test_a_video_gets_a_timeline_per_face_and_boxes_that_follow_it(page: Page, s
 
 def left_percent(box: Locator) -> float:
     return float(box.evaluate("node => parseFloat(node.style.left)"))
+
+
+def test_two_faces_get_a_timeline_each(page: Page, tmp_path: Path) -> None:
+    path = tmp_path / "pair.mp4"
+    path.write_bytes(two_faces_video(1.0))
+    page.locator("input[type=file]").set_input_files(path)
+    expect(page.locator("#status")).to_contain_text(
+        "2 faces followed through 5 frames over 0.8 s: #1 mostly happy, #2 mostly happy"
+    )
+    charts = page.locator("figure.timeline")
+    expect(charts).to_have_count(2)
+    assert [charts.nth(i).get_attribute("data-track") for i in range(2)] == ["1", "2"]
+    expect(charts.nth(1).locator("figcaption")).to_contain_text("Face #2: 0.0–0.8 s, 5 frames")
 
 
 def test_a_video_without_faces_and_a_refused_video_say_so(page: Page, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 from av.video.stream import VideoStream
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 from tests.utils.photos import photo
 
@@ -60,6 +60,18 @@ def video_bytes(frames: list[Image.Image], fps: int = 30, codec: str = "libx264"
 def moving_face_video(seconds: float = 2.0, fps: int = 30, size: tuple[int, int] = SIZE) -> bytes:
     """:func:`moving_face_frames` as an MP4 of ``seconds`` at ``fps``."""
     return video_bytes(moving_face_frames(round(seconds * fps), size), fps)
+
+
+def two_faces_video(seconds: float = 2.0, fps: int = 30) -> bytes:
+    """Two people side by side, 1280x360: :func:`moving_face_frames` on the left, its mirror image
+    on the right (her face moving the other way): two faces to follow, each with its own id."""
+    frames = []
+    for frame in moving_face_frames(round(seconds * fps)):
+        pair = Image.new("RGB", (2 * SIZE[0], SIZE[1]))
+        pair.paste(frame, (0, 0))
+        pair.paste(ImageOps.mirror(frame), (SIZE[0], 0))
+        frames.append(pair)
+    return video_bytes(frames, fps)
 
 
 def audio_only(seconds: float = 1.0) -> bytes:
