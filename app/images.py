@@ -29,6 +29,11 @@ ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 # Background that transparent pixels are flattened onto (what a browser shows them on).
 BACKGROUND = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# 32-bit samples (integer or float: TIFFs from scientific cameras, HDR tools) get half the pixels: their
+# decode takes about twice a photo's memory, and at the full limit one deflated float32 TIFF alone had
+# the service OOM-killed under --memory 512m (bench/results/container-float-tiff-full-limit.json).
+WIDE_SAMPLE_MODES = ("I", "F", "I;32", "I;32L", "I;32B", "F;32", "F;32F", "F;32BF")
+WIDE_SAMPLE_PIXEL_SHARE = 2
 
 
 def configure_pillow(max_pixels: int) -> None:
@@ -62,7 +67,7 @@ def decode_image_reduced(data: bytes, max_pixels: int, max_side: int | None) -> 
         raise CorruptImage() from None
 
     width, height = image.size
-    if width * height > max_pixels:  # the header alone is read so far: nothing decoded yet
+    if width * height > pixel_limit(image.mode, max_pixels):  # the header alone is read so far: nothing decoded yet
         raise ImageTooLarge()
     if width == 0 or height == 0:
         raise CorruptImage()
@@ -80,6 +85,11 @@ def decode_image_reduced(data: bytes, max_pixels: int, max_side: int | None) -> 
     except Exception as exc:  # truncated data, decoder errors: the client's file
         log.info("image data rejected: %r", exc)
         raise CorruptImage() from None
+
+
+def pixel_limit(mode: str, max_pixels: int) -> int:
+    """The most pixels an image of ``mode`` may have: ``max_pixels``, or a share of it for 32-bit samples."""
+    return max_pixels // WIDE_SAMPLE_PIXEL_SHARE if mode in WIDE_SAMPLE_MODES else max_pixels
 
 
 def _upright(image: Image.Image) -> Image.Image:

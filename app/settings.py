@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     model_uri: str | None = None
     # Largest accepted upload (the image file itself), in bytes.
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
-    # Largest accepted image, in pixels (width * height), checked before decoding.
+    # Largest accepted image, in pixels (width * height), checked before decoding (half for 32-bit samples: app.images).
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     # ONNX Runtime intra-op threads of a forward pass; 0: one per CPU this process may use (affinity, cgroup quota).
     inference_threads: int = Field(default=0, ge=0, le=1024)

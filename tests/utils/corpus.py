@@ -259,19 +259,18 @@ def bombs(max_pixels: int) -> list[Case]:
 
 
 def at_pixel_limit(max_pixels: int) -> list[Case]:
-    """Real images of (nearly) ``max_pixels``, all zeros, in files of a few hundred kB: allowed,
-    and the most memory one upload may make the service use. One per costliest mode to convert:
-    RGBA (flattened onto white), 16-bit (scaled to 8) and float (stretched to 0-255)."""
+    """Real images of (nearly) their mode's pixel limit (``max_pixels``; half of it for 32-bit samples,
+    app.images.pixel_limit), all zeros, in files of a few hundred kB: allowed, and the most memory one
+    upload may make the service use. One per costliest mode to convert: RGBA (flattened onto white),
+    16-bit (scaled to 8) and float (stretched to 0-255); and a float image just over its limit."""
     side = math.isqrt(max_pixels)
+    wide = math.isqrt(max_pixels // 2)
+    float_tiff = {"compression": "tiff_deflate"}
     return [
         Case("png_rgba_at_pixel_limit", encode(Image.new("RGBA", (side, side)), "PNG", compress_level=9), "image/png", (OK,)),
         Case("png_16bit_at_pixel_limit", encode(Image.new("I;16", (side, side)), "PNG", compress_level=9), "image/png", (OK,)),
-        Case(
-            "tiff_float_at_pixel_limit",
-            encode(Image.new("F", (side, side)), "TIFF", compression="tiff_deflate"),
-            "image/tiff",
-            (OK,),
-        ),
+        Case("tiff_float_at_pixel_limit", encode(Image.new("F", (wide, wide)), "TIFF", **float_tiff), "image/tiff", (OK,)),
+        Case("tiff_float_over_limit", encode(Image.new("F", (wide + 1,) * 2), "TIFF", **float_tiff), "image/tiff", (TOO_LARGE,)),
     ]
 
 
