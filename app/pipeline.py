@@ -11,9 +11,9 @@ admitted once by the :class:`~app.concurrency.InferenceLimiter` (503 beyond its 
   (:class:`~app.batching.MicroBatcher`), the request still admitted while it waits; when the
   batcher is idle and another slot is free, its own pass in its slot, in the same thread hop.
 
-One thread hop per request where one suffices: with two (and the micro-batcher's wake-up between
-them), the service's plumbing around a 48x48 crop's forward pass was 0.50 ms, with one 0.35 ms
-(in process, bench/results/overhead.json).
+One thread hop per request where one suffices: with two, the micro-batcher's wake-up between them
+and eight route dependencies, the service's plumbing around a 48x48 crop's forward pass was 0.50 ms;
+with one hop and one dependency, 0.35 ms (in process, bench/results/overhead.json).
 
 A file that cannot be used (empty, too large, corrupt) is a :class:`~app.failures.ServiceError` in its
 place; the other files of a batch are still classified.
