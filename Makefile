@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: install install-dev lock serve test test-fast lint typecheck clean
+.PHONY: install install-dev lock serve observe observe-down test test-fast lint typecheck clean
 
 # pip as pinned here, not the one the Python came with: pip before 23.3 resolves a locked package
 # again when another asks for it with an extra (pytest-cov's coverage[toml]), takes the newest
@@ -43,6 +43,16 @@ lock: $(BIN)/python
 
 serve: install
 	PORT=$(PORT) $(BIN)/python -m app.serve
+
+# The service with its traces, metrics and alerts on this machine (compose.yaml: Jaeger, Prometheus,
+# Grafana; docs/operations.md). COMPOSE=podman-compose for Podman.
+COMPOSE ?= docker compose
+observe:
+	$(COMPOSE) up --build --detach
+	@echo "service http://localhost:8080  traces http://localhost:16686  prometheus http://localhost:9090  grafana http://localhost:3000"
+
+observe-down:
+	$(COMPOSE) down
 
 lint:
 	$(BIN)/ruff check .

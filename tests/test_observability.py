@@ -8,7 +8,6 @@ import gzip
 import io
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from fercore.labels import CLASS_NAMES
 from fercore.storage import sha256_file
 from tests.utils.photos import photo_jpeg
 from tests.utils.service import clean_service_env, gray_png, post_batch, post_image, running_app
+from tests.utils.tools import require_tool
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN_ID = "b7ad6b7169203331"
@@ -158,11 +158,11 @@ def test_metrics_speak_openmetrics_when_asked(client: TestClient) -> None:
     assert r.text.endswith("# EOF\n")
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) is not on PATH")
 def test_promtool_accepts_the_metrics(client: TestClient) -> None:
+    promtool = require_tool("promtool", "Debian's prometheus package")
     assert post_image(client, gray_png(), detect=False).status_code == 200
     text = client.get("/metrics").text
-    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
