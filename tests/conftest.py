@@ -125,3 +125,22 @@ def gcs_proxy(gcs, gcs_emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     with fault_proxy(gcs_emulator) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         yield proxy
+
+
+@pytest.fixture(scope="module")
+def module_monkeypatch() -> Iterator[pytest.MonkeyPatch]:
+    """``monkeypatch`` for a module's shared fixtures: undone after its last test."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def bundled_client(module_monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    """The app on the bundled model, shared by a module's tests (a real classifier: skimage's
+    astronaut is happy), its lifespan running."""
+    from app.settings import BUNDLED_MODEL
+    from tests.utils.service import clean_service_env, running_app
+
+    clean_service_env(module_monkeypatch)
+    with running_app(module_monkeypatch, MODEL_URI=str(BUNDLED_MODEL)) as c:
+        yield c

@@ -9,7 +9,6 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,26 +18,17 @@ from PIL import Image
 
 import ferkit
 from app.failures import CorruptImage, ServiceError, UnsupportedImage
-from app.settings import BUNDLED_MODEL
 from fercore.artifact import ModelLoadError
 from ferkit.api import default_analyzer
 from tests.utils.photos import assert_astronaut_face, photo, photo_jpeg
-from tests.utils.service import ROOT, clean_service_env, post_image, running_app, write_model
+from tests.utils.service import ROOT, clean_service_env, post_image, write_model
 from tests.utils.videos import moving_face_video
 
 
 @pytest.fixture(scope="module")
-def module_monkeypatch() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
-def client(module_monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def client(bundled_client: TestClient) -> TestClient:
     """The service on the bundled model, to compare the API's answers with."""
-    clean_service_env(module_monkeypatch)
-    with running_app(module_monkeypatch, MODEL_URI=str(BUNDLED_MODEL)) as c:
-        yield c
+    return bundled_client
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import jsonschema_rs
 import pytest
 import yaml
 
+from tests.conftest import free_port
 from tests.utils.photos import photo_jpeg
 from tests.utils.service import clean_service_env, uvicorn_server, write_model
 from tests.utils.tools import require_tool
@@ -135,12 +135,6 @@ def test_each_alert_fires_on_a_busy_series_and_not_on_a_calm_one(tmp_path: Path)
         [require("promtool"), "test", "rules", "alerts.test.yml"], capture_output=True, text=True, cwd=tmp_path
     )
     assert failed.returncode != 0 and "FerApiHighCpu" in failed.stdout + failed.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
 
 import av
 import pytest
@@ -23,17 +22,9 @@ CLIP = moving_face_video(2.0)  # 60 frames at 30 fps
 
 
 @pytest.fixture(scope="module")
-def module_monkeypatch() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
-def client(module_monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def client(bundled_client: TestClient) -> TestClient:
     """The app on the bundled model (a real classifier: the astronaut is happy)."""
-    clean_service_env(module_monkeypatch)
-    with running_app(module_monkeypatch, MODEL_URI=str(BUNDLED_MODEL)) as c:
-        yield c
+    return bundled_client
 
 
 def post_video(client: TestClient, data: bytes, **params: object) -> dict:
