@@ -66,7 +66,7 @@ typecheck:
 PYTEST_WORKERS ?= 2
 
 test: install-dev lint typecheck
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=10 --cov=fercore --cov=training --cov=app --cov-report=term --cov-report=xml --cov-fail-under=80
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=10 --cov=fercore --cov=training --cov=app --cov=ferkit --cov-report=term --cov-report=xml --cov-fail-under=80
 
 # The inner loop: what is installed already, no lint, no coverage, neither the slow nor the browser
 # tests (pytest markers). `make test` runs everything.

@@ -166,7 +166,10 @@ class MicroBatcher:
         finally:
             self._pass_lock.release()
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._pass_freed.set)  # the collector may wait for it
+                # The collector may wait for it; a loop already closed (shutdown) has no one waiting,
+                # and its RuntimeError must not replace this pass's result.
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._pass_freed.set)
 
     # --- on the event loop -------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ def decode_image_reduced(data: bytes, max_pixels: int, max_side: int | None) -> 
     Returns the image and the scale from its pixels to the file's (1.0 when decoded at full size):
     a box found in the image, multiplied by it, is in the original photo's pixels.
     """
+    check_decode_work(data)  # too many scans, segments or chunks: refused before Pillow walks them
     try:
         image = Image.open(io.BytesIO(data), formats=_registered_formats())
     except UnidentifiedImageError:
@@ -71,7 +72,6 @@ def decode_image_reduced(data: bytes, max_pixels: int, max_side: int | None) -> 
         raise ImageTooLarge()
     if width == 0 or height == 0:
         raise CorruptImage()
-    check_decode_work(data, image.format)  # too many scans or chunks for their pixels: refused undecoded
     try:
         image.seek(0)  # animated GIF/WebP/APNG, multi-page TIFF: the first frame
         if max_side is not None and image.format in ("JPEG", "MPO") and max(width, height) > max_side:

@@ -50,7 +50,7 @@ from PIL import Image
 
 from bench import fuzz_corpus, soak
 from bench.machine import RESULTS_DIR, command_line, describe_host, write_result
-from bench.service import ROOT, parse_env
+from bench.service import ROOT, free_port, parse_env
 from bench.timing import positive_int
 from tests.utils.corpus import build_corpus
 
@@ -138,12 +138,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

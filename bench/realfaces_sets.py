@@ -129,6 +129,9 @@ def write_set(files: dict[str, tuple[str, str, str, bytes]], folder: Path) -> co
     """The images under ``folder/<class>/`` and their manifest, written last (a set whose manifest
     is there is complete); the count per class."""
     rows, counts = [], collections.Counter[str]()
+    names = collections.Counter(f"{label}/{PurePosixPath(path).name}" for label, _, path, _ in files.values())
+    if clashes := sorted(name for name, n in names.items() if n > 1):
+        raise ValueError(f"different files would be written as {', '.join(clashes)}")
     for label, subject, path, data in files.values():
         name = f"{label}/{PurePosixPath(path).name}"
         (folder / label).mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print(f"error: no {args.set} images under {source.prefix} in {args.clone}", file=sys.stderr)
         return 2
-    counts = write_set(files, args.out / args.set)
+    try:
+        counts = write_set(files, args.out / args.set)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     per_class = ", ".join(f"{name} {counts[name]}" for name in CLASS_NAMES)
     print(f"{args.set}: {sum(counts.values())} photos in {args.out / args.set}: {per_class}")
     return 0

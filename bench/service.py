@@ -138,6 +138,16 @@ def image_info(image: BenchImage) -> dict[str, Any]:
 # --- the server --------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port that was free a moment ago, for a server that binds its port itself.
+    Another process may take it before the server does: servers that can be handed a listening
+    socket get one instead (:func:`listening_socket`), the others retry
+    (:func:`tests.utils.service.serve_process`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def listening_socket() -> socket.socket:
     """A socket listening on a port of 127.0.0.1 the kernel picked, for ``uvicorn --fd``: the
     server inherits it, so no other process can take the port between choosing and serving."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.service import free_port
 from tests.utils import synthetic
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
@@ -31,16 +32,6 @@ def splits() -> dict:
 @pytest.fixture
 def fer_zip(tmp_path: Path, splits: dict) -> Path:
     return synthetic.write_zip(tmp_path / "archive.zip", splits)
-
-
-def free_port() -> int:
-    """A 127.0.0.1 port that was free a moment ago, for a server that binds its port itself.
-    Another process may take it before the server does: servers that can be handed a listening
-    socket get one instead (:func:`bench.service.start_uvicorn`), the others retry
-    (:func:`tests.utils.service.serve_process`)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

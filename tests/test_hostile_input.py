@@ -196,12 +196,14 @@ def test_whole_image_crop_is_shrunk() -> None:
 
 @pytest.fixture
 def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any pixel decoding fails the test: a refusal must come from the file's structure alone."""
+    """Opening the file with Pillow fails the test (its header parsers already walk every segment
+    and chunk before the image data): a refusal must come from the file's structure alone."""
 
-    def load(self: ImageFile.ImageFile) -> None:
-        raise AssertionError("decoded")
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("opened")
 
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    monkeypatch.setattr(Image, "open", refuse)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
 
 
 def assert_too_costly(data: bytes) -> None:
@@ -218,6 +220,20 @@ def test_a_progressive_jpeg_scan_bomb_is_refused_before_decoding() -> None:
 @pytest.mark.usefixtures("no_decoding")
 def test_a_png_chunk_flood_is_refused_before_decoding() -> None:
     assert_too_costly(corpus.png_with_empty_chunks(100_000))
+
+
+@pytest.mark.usefixtures("no_decoding")
+def test_a_jpeg_segment_flood_is_refused_before_decoding() -> None:
+    assert_too_costly(corpus.jpeg_with_comments(corpus.gray(), 100_000))
+
+
+def test_jpeg_segments_are_counted_up_to_the_limit() -> None:
+    ordinary = corpus.encode(corpus.rgb(), "JPEG")
+    segments = decode_work.jpeg_structure(ordinary, 1000, 1000)[1]
+    assert 5 <= segments <= 12  # APP0, DQT x2, SOF, DHT x4, SOS: no comment
+    at_limit = corpus.jpeg_with_comments(corpus.rgb(), decode_work.MAX_JPEG_SEGMENTS - segments)
+    assert decode_image(at_limit, MAX_PIXELS).size == (64, 48)
+    assert_too_costly(corpus.jpeg_with_comments(corpus.rgb(), decode_work.MAX_JPEG_SEGMENTS - segments + 1))
 
 
 @pytest.mark.parametrize("image", [corpus.gray(300, 200), corpus.rgb(300, 200)], ids=["gray", "rgb"])

@@ -220,6 +220,13 @@ def jpeg_with_scans(image: Image.Image, extra_scans: int) -> bytes:
     return data[:-2] + header * extra_scans + b"\xff\xd9"
 
 
+def jpeg_with_comments(image: Image.Image, count: int) -> bytes:
+    """A JPEG of ``image`` with ``count`` empty comment segments after its start: each one is read
+    by Pillow's Python marker loop when the file is opened. A segment flood."""
+    data = encode(image, "JPEG")
+    return data[:2] + b"\xff\xfe\x00\x02" * count + data[2:]
+
+
 def png_with_empty_chunks(count: int) -> bytes:
     """A small PNG with ``count`` empty private ancillary chunks before its image data: each one is
     read, and its CRC checked, by Pillow's Python code."""
@@ -246,6 +253,7 @@ def bombs(max_pixels: int) -> list[Case]:
         # for 300 kB of scans over a 1-megapixel image, 0.3 s for 1.2 MB of chunks around a tiny one.
         Case("jpeg_scan_bomb", jpeg_with_scans(gray(1000, 1000), 20_000), "image/jpeg", (TOO_LARGE,)),
         Case("png_chunk_flood", png_with_empty_chunks(100_000), "image/png", (TOO_LARGE,)),
+        Case("jpeg_segment_flood", jpeg_with_comments(gray(), 100_000), "image/jpeg", (TOO_LARGE,)),
         Case(
             "ppm_bomb_header",
             f"P5\n{BOMB_SIDE} {BOMB_SIDE}\n255\n".encode() + bytes(64),
