@@ -174,6 +174,34 @@ def test_a_lone_request_runs_once_max_wait_has_passed() -> None:
     run(scenario)
 
 
+def test_a_queued_request_waits_for_a_requests_own_pass_then_runs_in_the_batcher() -> None:
+    """A pass running inline (in a request's slot) holds the pass lock: the collector waits for it
+    without blocking the loop, then runs the queued request in its own worker; a request arriving
+    while the inline pass runs is not run inline."""
+
+    async def scenario() -> None:
+        predictor = FakePredictor(gated=True)
+        batcher = MicroBatcher(max_size=32, max_wait_s=0)
+        batcher.start()
+        assert batcher.idle
+        inline = asyncio.create_task(asyncio.to_thread(batcher.predict_inline, predictor, ["a"]))
+        await until_entered(predictor)
+        assert not batcher.idle and batcher.predict_inline(predictor, ["x"]) is None  # busy: join the queue
+        queued = asyncio.create_task(batcher.predict(predictor, ["b"]))
+        await until_queued(batcher, 1)
+        for _ in range(20):  # the loop runs on: the collector takes the request, finds the lock held, waits
+            await asyncio.sleep(0)
+        assert not queued.done() and predictor.calls == [["a"]]
+        predictor.gate.set()
+        assert emotions(await inline) == ["a"] and emotions(await queued) == ["b"]
+        assert predictor.calls == [["a"], ["b"]]
+        assert any(name.startswith("fer-batch") for name in predictor.threads)
+        assert any(not name.startswith("fer-batch") for name in predictor.threads)  # the inline pass's own thread
+        await batcher.stop()
+
+    run(scenario)
+
+
 def test_a_failed_pass_fails_each_of_its_callers_and_the_next_pass_runs() -> None:
     async def scenario() -> None:
         predictor = FakePredictor(gated=True, fail=ValueError("model output shape (2, 5) does not fit 7 classes"))
